@@ -1,0 +1,132 @@
+"""`invoke provision`: host checks, base box, `vagrant up`, then the Ansible roles."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pvlab import box, host
+from pvlab.errors import VmError
+from pvlab.settings import PROJECT_ROOT, Settings
+from pvlab.vm import Dom0
+
+log = logging.getLogger(__name__)
+
+PLAYBOOK = PROJECT_ROOT / "playbooks" / "site.yml"
+RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+"
+                      r"failed=(\d+)")
+
+
+@dataclass
+class Recap:
+    ok: int
+    changed: int
+    unreachable: int
+    failed: int
+
+
+def mirrors(settings: Settings) -> tuple[str, str | None]:
+    mirror = settings.apt_mirror
+    if mirror == "auto":
+        mirror = box.mirror_from_host()
+    security = settings.apt_security_mirror
+    if security == "auto":
+        security = box.security_mirror_from_host()
+    return mirror, security or None
+
+
+def extra_vars(settings: Settings) -> dict:
+    import ipaddress
+
+    mirror, security = mirrors(settings)
+    bridge = ipaddress.ip_network(settings.bridge_network)
+    return {
+        "apt_source_proxy": settings.apt_proxy,
+        "apt_source_mirror": mirror,
+        "apt_source_security_mirror": security or "",
+        "xen_host_dom0_memory_mb": settings.dom0_memory,
+        "xen_bridge_address": settings.bridge_address,
+        "xen_bridge_prefixlen": bridge.prefixlen,
+        "xen_bridge_netmask": str(bridge.netmask),
+        "pvgrub_flavor": settings.pvgrub_flavor,
+        "imds_listen_address": settings.bridge_address,
+        "imds_listen_port": settings.imds_port,
+        "imds_region": settings.region,
+    }
+
+
+def ensure_box(settings: Settings, progress=log.info) -> None:
+    if not settings.box_build:
+        return
+    mirror, _ = mirrors(settings)
+    path = box.build_box(Path(settings.cache_dir) / "boxes", mirror, progress=progress)
+    box.add_box(path, settings.box_name)
+
+
+def run_playbook(dom0: Dom0, settings: Settings, playbook: Path = PLAYBOOK) -> Recap:
+    inventory = dom0.ansible_inventory()
+    vars_file = dom0.state_dir / "pvlab-ansible.json"
+    vars_file.write_text(json.dumps(extra_vars(settings), indent=2))
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(PROJECT_ROOT / "ansible.cfg"),
+        ANSIBLE_FORCE_COLOR="0",
+    )
+    argv = [
+        _ansible_playbook(), "-i", str(inventory), "-e", f"@{vars_file}", str(playbook)
+    ]
+    log.debug("run: %s", " ".join(argv))
+    recap = None
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            match = RECAP_RE.match(line.strip())
+            if match:
+                recap = Recap(*(int(g) for g in match.groups()[1:]))
+        code = proc.wait()
+    if code != 0 or recap is None or recap.failed or recap.unreachable:
+        raise VmError(
+            "provisioning dom0 failed (the failing task is printed above); fix it "
+            "and run `invoke provision` again, it resumes where it stopped."
+        )
+    return recap
+
+
+def _ansible_playbook() -> str:
+    # The ansible-core pinned with pvlab, next to this interpreter, wins over any
+    # other on PATH.
+    beside = Path(sys.executable).parent / "ansible-playbook"
+    return str(beside) if beside.exists() else "ansible-playbook"
+
+
+def provision(settings: Settings, progress=log.info) -> Recap:
+    started = time.monotonic()
+    progress("checking the host")
+    host.prepare(settings, progress)
+    accel = host.detect_accel(settings.accel)
+    dom0 = Dom0(settings, accel=accel)
+    ensure_box(settings, progress)
+    state = dom0.status()
+    if state != "running":
+        progress(f"starting the dom0 VM ({accel}, {settings.vm_memory} MiB, "
+                 f"{settings.vm_cpus} vCPUs; state was {state})")
+        dom0.up()
+    else:
+        dom0.write_vagrant_settings()
+    progress("applying the Ansible roles to dom0")
+    recap = run_playbook(dom0, settings)
+    progress(
+        f"dom0 provisioned: {recap.ok} ok, {recap.changed} changed "
+        f"({time.monotonic() - started:.0f} s)"
+    )
+    return recap

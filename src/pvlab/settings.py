@@ -1,0 +1,225 @@
+"""One typed settings object, read from defaults, pvlab.yml, PVLAB_* variables and flags.
+
+Each value remembers where it came from, so `invoke settings` can say why it is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pvlab.errors import SettingsError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SETTINGS_FILE = "pvlab.yml"
+ENV_PREFIX = "PVLAB_"
+NAME_PREFIX = "pvlab"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pvlab"
+
+
+@dataclass
+class Settings:
+    # The dom0 VM.
+    provider: str = "libvirt"
+    accel: str = "auto"
+    vm_memory: int = 2560
+    vm_cpus: int = 2
+    dom0_memory: int = 1024
+    box_name: str = "pvlab/debian12"
+    box_build: bool = True
+    # Networks, all inside 198.18.0.0/15 and isolated from the host's own network.
+    mgmt_network: str = "198.18.0.0/24"
+    bridge_network: str = "198.19.0.0/16"
+    public_network: bool = False
+    public_network_interface: str = ""
+    # Packages reach the VM through an apt cache on the host's side of the VM network.
+    apt_mirror: str = "auto"
+    apt_security_mirror: str = "auto"
+    apt_cache_port: int = 3142
+    # Guests.
+    imds_port: int = 80
+    pvgrub_flavor: str = "pvgrub2"
+    instance_type: str = "m1.small"
+    guest_memory: int = 0
+    region: str = "us-east-1"
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def mgmt_host_address(self) -> str:
+        return str(next(ipaddress.ip_network(self.mgmt_network).hosts()))
+
+    @property
+    def bridge_address(self) -> str:
+        return str(next(ipaddress.ip_network(self.bridge_network).hosts()))
+
+    @property
+    def bridge_prefixlen(self) -> int:
+        return ipaddress.ip_network(self.bridge_network).prefixlen
+
+    @property
+    def apt_proxy(self) -> str:
+        return f"http://{self.mgmt_host_address}:{self.apt_cache_port}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"
+        }
+
+
+_CHOICES = {
+    "provider": ("libvirt", "virtualbox"),
+    "accel": ("auto", "kvm", "qemu"),
+    "pvgrub_flavor": ("pvgrub2", "legacy"),
+}
+_TEST_NET = ipaddress.ip_network("198.18.0.0/15")
+
+
+def _convert(name: str, raw: Any, origin: str) -> Any:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind == "Path":
+            return Path(str(raw)).expanduser()
+        return str(raw)
+    except ValueError:
+        raise SettingsError(
+            f"{origin}: {name} must be {'a whole number' if kind == 'int' else kind}, "
+            f"not {raw!r}."
+        ) from None
+
+
+def _validate(settings: Settings) -> None:
+    for name, allowed in _CHOICES.items():
+        value = getattr(settings, name)
+        if value not in allowed:
+            raise SettingsError(
+                f"{settings.sources.get(name, 'default')}: {name} must be one of "
+                f"{', '.join(allowed)}, not {value!r}."
+            )
+    for name in ("mgmt_network", "bridge_network"):
+        try:
+            net = ipaddress.ip_network(getattr(settings, name))
+        except ValueError:
+            raise SettingsError(
+                f"{settings.sources.get(name, 'default')}: {name} must be a network "
+                f"like 198.18.0.0/24, not {getattr(settings, name)!r}."
+            ) from None
+        if not net.subnet_of(_TEST_NET):
+            raise SettingsError(
+                f"{settings.sources.get(name, 'default')}: {name} must lie inside "
+                "198.18.0.0/15 so the VM networks never collide with a real one."
+            )
+    if settings.public_network and not settings.public_network_interface:
+        raise SettingsError(
+            "public_network is on but public_network_interface names no host "
+            "interface; set it to the interface to bridge (this exposes the VM)."
+        )
+    for name in ("vm_memory", "vm_cpus", "dom0_memory"):
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"{name} must be positive.")
+    if settings.dom0_memory + 512 > settings.vm_memory:
+        raise SettingsError(
+            f"vm_memory ({settings.vm_memory} MiB) must exceed dom0_memory "
+            f"({settings.dom0_memory} MiB) by at least 512 MiB to leave room for guests."
+        )
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+        raise SettingsError(
+            f"{path}:{line}: not valid YAML ({exc.problem}); fix that line."
+        ) from None
+    except OSError as exc:
+        raise SettingsError(f"{path} cannot be read: {exc.strerror}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path} must be a mapping of setting: value.")
+    return data
+
+
+def _line_of(path: Path, key: str) -> int | None:
+    pattern = re.compile(rf"^\s*{re.escape(str(key))}\s*:")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def load(
+    root: Path = PROJECT_ROOT,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Settings from defaults < pvlab.yml < PVLAB_* environment < flags."""
+    environ = os.environ if environ is None else environ
+    known = {f.name for f in fields(Settings)} - {"sources"}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {name: "default" for name in known}
+
+    path = root / SETTINGS_FILE
+    if path.exists():
+        for key, raw in _read_file(path).items():
+            line = _line_of(path, key)
+            origin = f"{path}:{line}" if line else str(path)
+            if key not in known:
+                raise SettingsError(
+                    f"{origin}: unknown setting {key!r}; `invoke settings` lists "
+                    "the known ones."
+                )
+            values[key] = _convert(key, raw, origin)
+            sources[key] = origin
+
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var in _ENV_NOT_SETTINGS:
+            continue
+        key = var[len(ENV_PREFIX) :].lower()
+        if key not in known:
+            raise SettingsError(
+                f"environment variable {var} names no setting; unset it or use one "
+                "that `invoke settings` lists."
+            )
+        values[key] = _convert(key, raw, var)
+        sources[key] = f"env {var}"
+
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        values[key] = _convert(key, raw, f"--{key.replace('_', '-')}")
+        sources[key] = "flag"
+
+    settings = dataclasses.replace(Settings(), **values)
+    settings.sources = sources
+    _validate(settings)
+    return settings
+
+
+# Variables with the prefix that configure pvlab's runtime rather than settings.
+_ENV_NOT_SETTINGS = {"PVLAB_VAGRANT_SETTINGS", "PVLAB_LOG"}

@@ -1,0 +1,55 @@
+"""Running commands: every command is logged at DEBUG, failures raise with their stderr."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class CommandError(Exception):
+    """A command exited non-zero; carries what it printed on stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        last = self.stderr.splitlines()[-1] if self.stderr else "no message"
+        super().__init__(f"{shlex.join(self.argv)} failed ({returncode}): {last}")
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    input: str | bytes | None = None,
+    timeout: float | None = None,
+    capture: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run argv; text output captured unless capture is False (then it streams)."""
+    log.debug("run: %s", shlex.join(argv))
+    text = not isinstance(input, bytes)
+    result = subprocess.run(
+        list(argv),
+        input=input,
+        text=text,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        stderr = result.stderr if capture else ""
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode(errors="replace")
+        raise CommandError(argv, result.returncode, stderr or "")
+    return result
+
+
+def succeeds(argv: Sequence[str], timeout: float | None = 30) -> bool:
+    try:
+        return run(argv, check=False, timeout=timeout).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False

@@ -1,0 +1,339 @@
+"""The Invoke tasks: thin wrappers that parse options and call the pvlab modules.
+
+Every task turns a PvlabError into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+from pvlab import domain, settings as settings_mod
+from pvlab.errors import PvlabError
+from pvlab.settings import PROJECT_ROOT
+
+log = logging.getLogger("pvlab")
+_STARTED = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One line per user-visible step, with the time since the task started."""
+    elapsed = time.monotonic() - _STARTED
+    print(f"pvlab [{elapsed:6.0f}s] {message}", flush=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose or os.environ.get("PVLAB_LOG") == "debug" else (
+        logging.INFO
+    )
+    logging.basicConfig(level=level, format="pvlab: %(message)s", stream=sys.stderr)
+
+
+def pvtask(*args, **kwargs):
+    """invoke.task whose PvlabErrors end as one sentence and exit status 1."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(c, *a, **kw):
+            _setup_logging(kw.get("verbose", False))
+            try:
+                return func(c, *a, **kw)
+            except PvlabError as exc:
+                if kw.get("verbose"):
+                    log.exception("details")
+                raise Exit(f"pvlab: error: {exc}", code=exc.exit_code) from None
+            except KeyboardInterrupt:
+                raise Exit("pvlab: interrupted.", code=130) from None
+
+        return task(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+def _settings(**overrides):
+    return settings_mod.load(overrides=overrides)
+
+
+def _dom0(s):
+    from pvlab.vm import Dom0
+
+    return Dom0(s)
+
+
+@pvtask(help={"verbose": "Show every command run."})
+def host(c, verbose=False):
+    """Check the host and set up what is missing: packages, libvirt, VM network, apt cache."""
+    from pvlab import host as host_mod
+
+    s = _settings()
+    host_mod.prepare(s, progress)
+    progress(f"host ready; dom0 will run under {host_mod.detect_accel(s.accel)}")
+
+
+@pvtask(help={"verbose": "Show every command run."})
+def box(c, verbose=False):
+    """Build the Debian 12 base box from Debian packages (cached) and add it to Vagrant."""
+    from pvlab import host as host_mod
+    from pvlab import provision as prov
+
+    s = _settings()
+    host_mod.ensure_packages(progress)
+    prov.ensure_box(s, progress)
+    progress(f"box {s.box_name} ready")
+
+
+@pvtask(
+    help={
+        "memory": "Memory of the dom0 VM in MiB (setting vm_memory).",
+        "cpus": "vCPUs of the dom0 VM (setting vm_cpus).",
+        "verbose": "Show every command run.",
+    }
+)
+def provision(c, memory=None, cpus=None, verbose=False):
+    """Create or update the Xen dom0 VM: host check, box, vagrant up, Ansible roles."""
+    from pvlab import provision as prov
+
+    s = _settings(vm_memory=memory, vm_cpus=cpus)
+    prov.provision(s, progress)
+
+
+def _guests(s):
+    return domain.Guests(_dom0(s), s)
+
+
+@pvtask(
+    help={
+        "image": "The boot volume: a raw disk image as EC2 attaches it (sda1).",
+        "name": "Guest name (default aws-test).",
+        "user_data": "File whose bytes the guest gets as user-data.",
+        "env": "KEY=VALUE for UniK's user-data map; repeat for more keys.",
+        "no_user_data": "Serve no user-data at all (EC2's 404).",
+        "instance_type": "EC2 instance type to size the guest (default: setting).",
+        "memory": "Override the instance type's memory (MiB), e.g. for small tests.",
+        "mac": "Guest MAC address (default: random in Xen's 00:16:3e range).",
+        "pvgrub_variant": "hd0 (unpartitioned volume) or hd00 (partitioned).",
+        "paused": "Create the guest paused and return (for `invoke gdb`).",
+        "keep": "Keep the guest when the console is interrupted.",
+        "verbose": "Show every command run.",
+    },
+    iterable=["env"],
+)
+def boot(
+    c,
+    image=None,
+    name="aws-test",
+    user_data=None,
+    env=None,
+    no_user_data=False,
+    instance_type=None,
+    memory=None,
+    mac=None,
+    pvgrub_variant="hd0",
+    paused=False,
+    keep=False,
+    verbose=False,
+):
+    """Boot an AWS-style boot volume under PV-GRUB in dom0 and stream its console."""
+    if not image:
+        raise PvlabError("give the boot volume to boot with --image PATH.")
+    s = _settings(instance_type=instance_type)
+    code = boot_image(
+        s,
+        Path(image),
+        name=name,
+        user_data=Path(user_data) if user_data else None,
+        env=env,
+        no_user_data=no_user_data,
+        memory=int(memory) if memory else None,
+        mac=mac,
+        pvgrub_variant=pvgrub_variant,
+        paused=paused,
+        keep=keep,
+    )
+    if code:
+        raise Exit(code=code)
+
+
+def boot_image(
+    s,
+    image: Path,
+    *,
+    name: str,
+    user_data: Path | None = None,
+    env: list[str] | None = None,
+    no_user_data: bool = False,
+    memory: int | None = None,
+    mac: str | None = None,
+    pvgrub_variant: str = "hd0",
+    paused: bool = False,
+    keep: bool = False,
+) -> int:
+    from pvlab import instance_types
+
+    domain.validate_name(name)
+    if not image.is_file():
+        raise PvlabError(
+            f"boot volume {image} does not exist or is not a file; give the raw image "
+            "UniK built (keep it with --no-cleanup)."
+        )
+    itype = instance_types.lookup(s.instance_type)
+    data = domain.read_user_data(user_data, env, no_user_data)
+    guests = _guests(s)
+    guests.prune()
+    mac = domain.validate_mac(mac) if mac else _unused_mac(guests, s)
+    spec = domain.GuestSpec(
+        name=name,
+        image=image,
+        instance_type=itype,
+        memory=memory or itype.memory_mib,
+        mac=mac,
+        ip=domain.ip_for_mac(mac, s.bridge_network),
+        user_data=data,
+        pvgrub_flavor=s.pvgrub_flavor,
+        pvgrub_variant=pvgrub_variant,
+    )
+    guests.check_new(spec)
+    log_file = Path(s.cache_dir) / "logs" / f"{name}-console.log"
+    created = False
+    try:
+        guests.prepare(spec, progress)
+        guests.create_paused(spec)
+        created = True
+        if paused:
+            progress(f"{name} created paused; attach with `invoke gdb --name {name}`")
+            return 0
+        progress(
+            f"booting {name} under PV-GRUB {spec.pvgrub_variant} (console below, "
+            f"also in {log_file})"
+        )
+        log_file.unlink(missing_ok=True)
+        code = guests.console(name, log_file)
+        progress(f"{name} has stopped (console exit status {code})")
+        return 0
+    except KeyboardInterrupt:
+        if keep and created:
+            progress(f"interrupted; {name} keeps running (`invoke destroy --name {name}`)")
+            return 130
+        progress(f"interrupted; destroying {name}")
+        raise
+    finally:
+        if not (paused and created) and not (keep and created):
+            guests.destroy(name)
+
+
+def _unused_mac(guests, s) -> str:
+    used_ips = {
+        domain.ip_for_mac(m, s.bridge_network) for m in guests.registered_macs()
+    }
+    for _ in range(100):
+        mac = domain.random_mac()
+        if domain.ip_for_mac(mac, s.bridge_network) not in used_ips:
+            return mac
+    raise PvlabError("no free guest address left on the bridge; destroy some guests.")
+
+
+@pvtask(help={"name": "Guest to destroy.", "verbose": "Show every command run."})
+def destroy(c, name=None, verbose=False):
+    """Destroy a guest and remove its DNAT rule, metadata and files from dom0."""
+    if not name:
+        raise PvlabError("name the guest to destroy with --name NAME (see `invoke list`).")
+    s = _settings()
+    domain.validate_name(name)
+    ran = _guests(s).destroy(name)
+    progress(f"{name} destroyed" if ran else f"{name} was not running; leftovers removed")
+
+
+@pvtask(name="list", help={"verbose": "Show every command run."})
+def list_(c, verbose=False):
+    """List the guest domains running in dom0."""
+    s = _settings()
+    domains = _guests(s).list()
+    if not domains:
+        print("no guests running")
+    for d in domains:
+        print(f"{d['name']:24} id {d['domid']:<4} {d['memory']:>6} MiB "
+              f"{d['vcpus']} vCPU  {d['state']}")
+
+
+@pvtask(
+    help={
+        "keep_vm": "Leave the dom0 VM running afterwards (default: leave it).",
+        "verbose": "Show every command run.",
+    }
+)
+def demo(c, keep_vm=True, verbose=False):
+    """The whole chain on a sample image: provision, build the image, boot, read user-data."""
+    from pvlab import provision as prov
+    from pvlab import sample
+
+    s = _settings()
+    timings: dict[str, float] = {}
+
+    def step(label, func):
+        started = time.monotonic()
+        result = func()
+        timings[label] = time.monotonic() - started
+        return result
+
+    step("provision", lambda: prov.provision(s, progress))
+    progress("building the sample AWS-style boot volume")
+    image = step(
+        "sample image",
+        lambda: sample.build_sample_image(Path(s.cache_dir) / "images", progress=progress),
+    )
+    user_data = Path(s.cache_dir) / "demo-user-data.json"
+    user_data.write_text(json.dumps({"GREETING": "hello from pvlab"}) + "\n")
+    demo_settings = settings_mod.load(overrides={"instance_type": "t1.micro"})
+    step(
+        "boot to user-data",
+        lambda: boot_image(
+            demo_settings, image, name="pvlab-demo", user_data=user_data, memory=256
+        ),
+    )
+    print()
+    for label, seconds in timings.items():
+        progress(f"time: {label:20} {seconds:7.1f} s")
+
+
+@pvtask(
+    help={
+        "tier": "Run only this tier: unit, integration or e2e (default: all).",
+        "pytest_args": "Extra arguments for pytest.",
+    }
+)
+def test(c, tier=None, pytest_args=""):
+    """Run the test suite: unit tests, testinfra checks of dom0, end-to-end boots."""
+    argv = [sys.executable, "-m", "pytest", "-ra"]
+    if tier:
+        argv += ["-m", tier]
+    if pytest_args:
+        argv += pytest_args.split()
+    code = subprocess.call(argv, cwd=PROJECT_ROOT)
+    if code:
+        raise Exit(code=code)
+
+
+@pvtask()
+def settings(c):
+    """Print the effective settings and where each value comes from."""
+    s = _settings()
+    for key, value in s.as_dict().items():
+        print(f"{key:26} {str(value):40} {s.sources.get(key, 'default')}")
+
+
+@pvtask(help={"verbose": "Show every command run."})
+def halt(c, verbose=False):
+    """Shut the dom0 VM down (guests are destroyed with it)."""
+    s = _settings()
+    _dom0(s).halt()
+
+
+ns = Collection(host, box, provision, boot, destroy, list_, demo, test, settings, halt)

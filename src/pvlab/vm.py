@@ -1,0 +1,203 @@
+"""The dom0 VM: python-vagrant for its life cycle, plain OpenSSH for commands in it.
+
+Each Vagrant call costs about a second of Ruby start-up, so commands inside dom0 go
+through `ssh -F` with the configuration Vagrant printed once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import vagrant
+
+from pvlab.errors import VmError
+from pvlab.settings import PROJECT_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+MACHINE = "dom0"
+SERIAL_LOG = "/var/log/libvirt/qemu/pvlab-dom0-serial.log"
+
+
+@dataclass
+class Dom0:
+    settings: Settings
+    root: Path = PROJECT_ROOT
+    accel: str = "qemu"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".vagrant"
+
+    @property
+    def vagrant_settings_file(self) -> Path:
+        return self.state_dir / "pvlab.json"
+
+    @property
+    def ssh_config_file(self) -> Path:
+        return self.state_dir / "pvlab-ssh-config"
+
+    def _vagrant(self, quiet: bool = True) -> vagrant.Vagrant:
+        env = dict(os.environ, PVLAB_VAGRANT_SETTINGS=str(self.vagrant_settings_file))
+        # Vagrant's progress bar is a stream of terminal escapes in logs.
+        env.setdefault("VAGRANT_NO_COLOR", "1")
+        return vagrant.Vagrant(
+            str(self.root),
+            quiet_stdout=quiet,
+            quiet_stderr=quiet,
+            env=env,
+        )
+
+    def write_vagrant_settings(self) -> None:
+        s = self.settings
+        self.state_dir.mkdir(exist_ok=True)
+        data = {
+            "provider": s.provider,
+            "accel": self.accel,
+            "vm_memory": s.vm_memory,
+            "vm_cpus": s.vm_cpus,
+            "box_name": s.box_name,
+            "mgmt_network": s.mgmt_network,
+            "public_network": s.public_network,
+            "public_network_interface": s.public_network_interface,
+            "serial_log": SERIAL_LOG,
+        }
+        self.vagrant_settings_file.write_text(json.dumps(data, indent=2) + "\n")
+
+    def status(self) -> str:
+        if not (self.state_dir / "machines" / MACHINE).exists():
+            return "not_created"
+        try:
+            statuses = self._vagrant().status(MACHINE)
+        except subprocess.CalledProcessError:
+            return "unknown"
+        return statuses[0].state if statuses else "not_created"
+
+    def up(self) -> None:
+        self.write_vagrant_settings()
+        self.ssh_config_file.unlink(missing_ok=True)
+        try:
+            self._vagrant(quiet=False).up(
+                vm_name=MACHINE, provider=self.settings.provider, provision=False
+            )
+        except subprocess.CalledProcessError:
+            raise VmError(
+                "`vagrant up` failed (see its output above; the VM's serial console "
+                f"is in {SERIAL_LOG})."
+            ) from None
+
+    def halt(self) -> None:
+        self._vagrant(quiet=False).halt(vm_name=MACHINE)
+        self.ssh_config_file.unlink(missing_ok=True)
+
+    def destroy(self) -> None:
+        self._vagrant(quiet=False).destroy(vm_name=MACHINE)
+        self.ssh_config_file.unlink(missing_ok=True)
+
+    def ssh_config(self) -> Path:
+        if not self.ssh_config_file.exists():
+            try:
+                text = self._vagrant().ssh_config(vm_name=MACHINE)
+            except subprocess.CalledProcessError:
+                raise VmError(
+                    "the dom0 VM is not running; start it with `invoke provision`."
+                ) from None
+            text = text.replace(f"Host {MACHINE}", "Host dom0", 1)
+            self.ssh_config_file.write_text(text)
+        return self.ssh_config_file
+
+    def ssh_options(self) -> dict[str, str]:
+        options: dict[str, str] = {}
+        for line in self.ssh_config().read_text().splitlines():
+            key, _, value = line.strip().partition(" ")
+            if key and key != "Host":
+                options[key] = value.strip().strip('"')
+        return options
+
+    def ssh_argv(self, command: str, tty: bool = False) -> list[str]:
+        argv = ["ssh", "-F", str(self.ssh_config()), "-o", "LogLevel=ERROR"]
+        argv += ["-tt"] if tty else ["-T"]
+        return [*argv, "dom0", command]
+
+    def run(
+        self,
+        command: str,
+        *,
+        check: bool = True,
+        input: str | bytes | None = None,
+        timeout: float | None = 600,
+    ) -> subprocess.CompletedProcess:
+        """Run a shell command in dom0 as root; output captured as text."""
+        argv = self.ssh_argv(f"sudo sh -c {shlex.quote(command)}")
+        log.debug("dom0: %s", command)
+        result = subprocess.run(
+            argv,
+            input=input,
+            capture_output=True,
+            text=not isinstance(input, bytes),
+            timeout=timeout,
+        )
+        if result.returncode == 255:
+            raise VmError(
+                "dom0 cannot be reached over SSH; is the VM running? "
+                "(`invoke provision` starts it)."
+            )
+        if check and result.returncode != 0:
+            stderr = result.stderr
+            if isinstance(stderr, bytes):
+                stderr = stderr.decode(errors="replace")
+            last = stderr.strip().splitlines()[-1:] or ["no message"]
+            raise VmError(f"in dom0, `{command}` failed: {last[0]}")
+        return result
+
+    def copy_to(self, local: Path, remote: str) -> None:
+        """Copy a file into dom0 (as root), streaming it through SSH."""
+        remote_q = shlex.quote(remote)
+        cmd = f"sudo sh -c 'cat > {remote_q}.part && mv {remote_q}.part {remote_q}'"
+        with local.open("rb") as source:
+            result = subprocess.run(
+                self.ssh_argv(cmd), stdin=source, capture_output=True
+            )
+        if result.returncode != 0:
+            raise VmError(
+                f"copying {local} into dom0 failed: "
+                f"{result.stderr.decode(errors='replace').strip()}"
+            )
+
+    def ansible_inventory(self) -> Path:
+        o = self.ssh_options()
+        path = self.state_dir / "pvlab-inventory.ini"
+        ssh_args = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+        path.write_text(
+            "[dom0]\n"
+            f"dom0 ansible_host={o['HostName']} ansible_port={o.get('Port', '22')} "
+            f"ansible_user={o.get('User', 'vagrant')} "
+            f"ansible_ssh_private_key_file={o['IdentityFile']} "
+            f"ansible_ssh_common_args='{ssh_args}' "
+            f"ansible_python_interpreter=/usr/bin/python3\n"
+        )
+        return path
+
+
+def stream(argv: list[str], log_file: Path | None = None) -> int:
+    """Run argv, copying its output to the terminal (and a log) line by line."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
+        assert p.stdout is not None
+        sink = log_file.open("ab") if log_file else None
+        try:
+            for line in p.stdout:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+                if sink:
+                    sink.write(line)
+        finally:
+            if sink:
+                sink.close()
+        return p.wait()

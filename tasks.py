@@ -1,0 +1,3 @@
+"""Invoke entry point: the tasks live in the pvlab package (src/pvlab/tasks.py)."""
+
+from pvlab.tasks import ns  # noqa: F401
