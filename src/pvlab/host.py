@@ -286,3 +286,32 @@ def prepare(settings: Settings, progress=log.info) -> None:
     ensure_storage_pool(progress)
     ensure_mgmt_network(settings, progress)
     AptCache(settings).ensure(progress)
+
+
+def project_domains() -> list[tuple[str, str]]:
+    """(name, uuid) of every libvirt domain with pvlab's name prefix."""
+    out = virsh("list", "--all", "--name", check=False).stdout
+    domains = []
+    for name in out.split():
+        if name.startswith(f"{NAME_PREFIX}-"):
+            uuid = virsh("domuuid", name, check=False).stdout.strip()
+            domains.append((name, uuid))
+    return domains
+
+
+def remove_domain(name: str, progress=log.info) -> None:
+    """Stop and undefine a pvlab domain and delete its disks from the pool."""
+    progress(f"removing libvirt domain {name} and its disks")
+    virsh("destroy", name, check=False)
+    virsh("undefine", name, "--remove-all-storage", "--nvram", check=False)
+    virsh("undefine", name, "--remove-all-storage", check=False)
+    for volume in virsh("vol-list", STORAGE_POOL, check=False).stdout.split():
+        if volume.startswith(f"{name}.") or volume.startswith(f"{name}-"):
+            virsh("vol-delete", volume, "--pool", STORAGE_POOL, check=False)
+
+
+def remove_mgmt_network(progress=log.info) -> None:
+    if virsh("net-info", MGMT_NETWORK_NAME, check=False).returncode == 0:
+        progress(f"removing libvirt network {MGMT_NETWORK_NAME}")
+        virsh("net-destroy", MGMT_NETWORK_NAME, check=False)
+        virsh("net-undefine", MGMT_NETWORK_NAME, check=False)

@@ -152,7 +152,10 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+        # The context mark is where the broken construct starts, which is the line
+        # to fix; the problem mark can be the end of the file.
+        mark = exc.context_mark or exc.problem_mark
+        line = mark.line + 1 if mark else "?"
         raise SettingsError(
             f"{path}:{line}: not valid YAML ({exc.problem}); fix that line."
         ) from None

@@ -287,7 +287,7 @@ def demo(c, keep_vm=True, verbose=False):
     progress("building the sample AWS-style boot volume")
     image = step(
         "sample image",
-        lambda: sample.build_sample_image(Path(s.cache_dir) / "images", progress=progress),
+        lambda: sample.build_sample_image(Path(s.cache_dir) / "images"),
     )
     user_data = Path(s.cache_dir) / "demo-user-data.json"
     user_data.write_text(json.dumps({"GREETING": "hello from pvlab"}) + "\n")
@@ -307,18 +307,35 @@ def demo(c, keep_vm=True, verbose=False):
     help={
         "tier": "Run only this tier: unit, integration or e2e (default: all).",
         "pytest_args": "Extra arguments for pytest.",
+        "no_provision": "Do not provision dom0 before the integration and e2e tiers.",
     }
 )
-def test(c, tier=None, pytest_args=""):
-    """Run the test suite: unit tests, testinfra checks of dom0, end-to-end boots."""
-    argv = [sys.executable, "-m", "pytest", "-ra"]
-    if tier:
-        argv += ["-m", tier]
-    if pytest_args:
-        argv += pytest_args.split()
-    code = subprocess.call(argv, cwd=PROJECT_ROOT)
-    if code:
-        raise Exit(code=code)
+def test(c, tier=None, pytest_args="", no_provision=False):
+    """Run the test suite: unit tests, then provision dom0, testinfra checks and e2e boots."""
+    if tier not in (None, "unit", "integration", "e2e"):
+        raise PvlabError(f"unknown tier {tier!r}; use unit, integration or e2e.")
+    extra = pytest_args.split()
+    failed = 0
+    if tier in (None, "unit"):
+        progress("tier unit")
+        failed |= _pytest(["-m", "unit", *extra])
+    if tier != "unit":
+        if not no_provision:
+            from pvlab import provision as prov
+
+            progress("provisioning dom0 for the integration and e2e tiers")
+            prov.provision(_settings(), progress)
+        for name in ("integration", "e2e") if tier is None else (tier,):
+            progress(f"tier {name}")
+            failed |= _pytest(["-m", name, *extra])
+    if failed:
+        raise Exit("pvlab: some tests failed (see above).", code=1)
+
+
+def _pytest(args: list[str]) -> int:
+    code = subprocess.call([sys.executable, "-m", "pytest", "-ra", *args], cwd=PROJECT_ROOT)
+    # pytest's 5 means it collected nothing: in a tier that is a failure too.
+    return 1 if code else 0
 
 
 @pvtask()
@@ -336,4 +353,44 @@ def halt(c, verbose=False):
     _dom0(s).halt()
 
 
-ns = Collection(host, box, provision, boot, destroy, list_, demo, test, settings, halt)
+@pvtask(
+    help={
+        "stale": "Only remove pvlab VMs that this checkout's Vagrant does not own "
+        "(left by another checkout or a killed run).",
+        "cache": "Also delete the caches (base box, images, apt cache).",
+        "verbose": "Show every command run.",
+    }
+)
+def clean(c, stale=False, cache=False, verbose=False):
+    """Remove what pvlab created: the dom0 VM, its libvirt network, the apt cache."""
+    import shutil
+
+    from pvlab import host as host_mod
+    from pvlab.vm import Dom0
+
+    s = _settings()
+    host_mod.ensure_libvirt(progress)
+    dom0 = Dom0(s)
+    owned = dom0.libvirt_uuid()
+    for name, uuid in host_mod.project_domains():
+        if stale and uuid == owned:
+            continue
+        host_mod.remove_domain(name, progress)
+    if stale:
+        return
+    if (dom0.state_dir / "machines").exists():
+        shutil.rmtree(dom0.state_dir / "machines")
+    dom0.ssh_config_file.unlink(missing_ok=True)
+    host_mod.AptCache(s).stop()
+    host_mod.remove_mgmt_network(progress)
+    if cache:
+        progress(f"deleting caches in {s.cache_dir}")
+        shutil.rmtree(s.cache_dir, ignore_errors=True)
+        subprocess.call(["vagrant", "box", "remove", "--force", s.box_name],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress("clean")
+
+
+ns = Collection(
+    host, box, provision, boot, destroy, list_, demo, test, settings, halt, clean
+)

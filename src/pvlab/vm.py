@@ -71,6 +71,14 @@ class Dom0:
         }
         self.vagrant_settings_file.write_text(json.dumps(data, indent=2) + "\n")
 
+    def libvirt_uuid(self) -> str | None:
+        """UUID of the libvirt domain this checkout's Vagrant state owns."""
+        try:
+            return (self.state_dir / "machines" / MACHINE / "libvirt" / "id").read_text(
+            ).strip()
+        except OSError:
+            return None
+
     def status(self) -> str:
         if not (self.state_dir / "machines" / MACHINE).exists():
             return "not_created"

@@ -1,0 +1,116 @@
+import ipaddress
+import json
+from pathlib import Path
+
+import pytest
+
+from pvlab import domain, instance_types
+from pvlab.errors import DomainError, SettingsError, UserDataError
+
+
+def spec(**kw):
+    values = dict(
+        name="aws-test",
+        image=Path("boot-vol.img"),
+        instance_type=instance_types.lookup("t1.micro"),
+        memory=256,
+        mac="00:16:3e:58:88:57",
+        ip="198.19.136.89",
+        user_data=b"{}",
+    )
+    values.update(kw)
+    return domain.GuestSpec(**values)
+
+
+def test_xl_config_boots_pvgrub_with_the_metadata_hook():
+    text = domain.render_xl_config(spec())
+    assert 'name = "aws-test"' in text
+    assert 'kernel = "/var/lib/pvlab/pvgrub/pvgrub2-x86_64-hd0.elf"' in text
+    assert 'extra = "(hd0)/boot/grub/menu.lst"' in text
+    assert "memory = 256" in text and "vcpus = 1" in text
+    assert "'bridge=xenbr0,script=metadata-fake,mac=00:16:3e:58:88:57'" in text
+    assert "'/var/lib/pvlab/guests/aws-test/boot-vol.img,raw,sda1,rw'" in text
+    assert 'on_crash = "preserve"' in text
+
+
+def test_hd00_variant_reads_the_first_partition():
+    text = domain.render_xl_config(spec(pvgrub_variant="hd00"))
+    assert 'extra = "(hd0,0)/boot/grub/menu.lst"' in text
+    assert "pvgrub2-x86_64-hd00.elf" in text
+
+
+def test_address_follows_the_mac_and_stays_on_the_bridge():
+    net = ipaddress.ip_network("198.19.0.0/16")
+    seen = set()
+    for last in ("00:00", "00:01", "ff:fc", "12:34", "ab:cd"):
+        ip = ipaddress.ip_address(domain.ip_for_mac(f"00:16:3e:00:{last}", str(net)))
+        assert ip in net
+        assert ip not in (net.network_address, net.network_address + 1,
+                          net.broadcast_address)
+        seen.add(ip)
+    assert len(seen) == 5
+    assert domain.ip_for_mac("00:16:3e:aa:12:34", str(net)) == domain.ip_for_mac(
+        "00:16:3e:aa:12:34", str(net)
+    )
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "x" * 65, "Domain-0", "a;rm"])
+def test_bad_guest_names_are_refused(name):
+    with pytest.raises(DomainError, match="not valid"):
+        domain.validate_name(name)
+
+
+@pytest.mark.parametrize("mac", ["00:16:3e:58:88", "zz:16:3e:58:88:57", "01:00:5e:00:00:01"])
+def test_bad_macs_are_refused(mac):
+    with pytest.raises(DomainError):
+        domain.validate_mac(mac)
+
+
+def test_random_macs_are_xen_unicast():
+    mac = domain.random_mac()
+    assert domain.validate_mac(mac).startswith("00:16:3e:")
+
+
+def test_env_pairs_build_unik_user_data_map():
+    data = domain.read_user_data(None, ["A=1", "B=x=y"], False)
+    assert json.loads(data) == {"A": "1", "B": "x=y"}
+
+
+def test_default_user_data_is_an_empty_map_and_none_means_404():
+    assert domain.read_user_data(None, None, False) == b"{}"
+    assert domain.read_user_data(None, None, True) is None
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (["NOEQUALS"], "KEY=VALUE"),
+    (["A=1", "A=2"], "given twice"),
+])
+def test_bad_env_pairs_are_refused(pairs, message):
+    with pytest.raises(UserDataError, match=message):
+        domain.read_user_data(None, pairs, False)
+
+
+def test_user_data_file_is_served_byte_for_byte(tmp_path):
+    blob = bytes(range(256)) * 4
+    (tmp_path / "ud").write_bytes(blob)
+    assert domain.read_user_data(tmp_path / "ud", None, False) == blob
+
+
+def test_user_data_over_16_kib_is_refused_like_ec2(tmp_path):
+    (tmp_path / "ud").write_bytes(b"x" * (16 * 1024 + 1))
+    with pytest.raises(UserDataError, match="16 KiB"):
+        domain.read_user_data(tmp_path / "ud", None, False)
+
+
+def test_unreadable_user_data_names_the_file(tmp_path):
+    with pytest.raises(UserDataError, match="cannot be read"):
+        domain.read_user_data(tmp_path / "missing", None, False)
+
+
+def test_instance_types_size_guests_and_refuse_hvm_only():
+    assert instance_types.lookup("m1.small").memory_mib == 1741
+    assert instance_types.lookup("c1.medium").vcpus == 2
+    with pytest.raises(SettingsError, match="HVM only"):
+        instance_types.lookup("t2.micro")
+    with pytest.raises(SettingsError, match="unknown instance type"):
+        instance_types.lookup("z9.huge")
