@@ -65,9 +65,14 @@ def extra_vars(settings: Settings) -> dict:
 def ensure_box(settings: Settings, progress=log.info) -> None:
     if not settings.box_build:
         return
-    mirror, _ = mirrors(settings)
-    path = box.build_box(Path(settings.cache_dir) / "boxes", mirror, progress=progress)
-    box.add_box(path, settings.box_name)
+    mirror, security = mirrors(settings)
+    path = box.build_box(
+        Path(settings.cache_dir) / "boxes",
+        mirror,
+        security_mirror=security,
+        progress=progress,
+    )
+    box.add_box(path, settings.box_name, progress=progress)
 
 
 def run_playbook(dom0: Dom0, settings: Settings, playbook: Path = PLAYBOOK) -> Recap:
