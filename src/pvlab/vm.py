@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -91,11 +92,18 @@ class Dom0:
     def up(self) -> None:
         self.write_vagrant_settings()
         self.ssh_config_file.unlink(missing_ok=True)
-        try:
-            self._vagrant(quiet=False).up(
-                vm_name=MACHINE, provider=self.settings.provider, provision=False
-            )
-        except subprocess.CalledProcessError:
+        # python-vagrant would pass Vagrant's box upload bar through as thousands
+        # of terminal escapes; stream it here and keep every tenth percent.
+        argv = [
+            "vagrant", "up", MACHINE, "--no-provision",
+            f"--provider={self.settings.provider}",
+        ]
+        env = dict(
+            os.environ,
+            PVLAB_VAGRANT_SETTINGS=str(self.vagrant_settings_file),
+            VAGRANT_NO_COLOR="1",
+        )
+        if stream(argv, cwd=self.root, env=env, squash_progress=True) != 0:
             raise VmError(
                 "`vagrant up` failed (see its output above; the VM's serial console "
                 f"is in {SERIAL_LOG})."
@@ -184,7 +192,7 @@ class Dom0:
         path = self.state_dir / "pvlab-inventory.ini"
         ssh_args = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
         path.write_text(
-            "[dom0]\n"
+            "[xen_hosts]\n"
             f"dom0 ansible_host={o['HostName']} ansible_port={o.get('Port', '22')} "
             f"ansible_user={o.get('User', 'vagrant')} "
             f"ansible_ssh_private_key_file={o['IdentityFile']} "
@@ -194,18 +202,44 @@ class Dom0:
         return path
 
 
-def stream(argv: list[str], log_file: Path | None = None) -> int:
-    """Run argv, copying its output to the terminal (and a log) line by line."""
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
-        assert p.stdout is not None
-        sink = log_file.open("ab") if log_file else None
-        try:
-            for line in p.stdout:
-                sys.stdout.buffer.write(line)
+PROGRESS_RE = re.compile(rb"Progress: (\d+)%")
+SEGMENT_RE = re.compile(rb"\r|\n|\x1b\[K")
+
+
+def stream(
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    squash_progress: bool = False,
+) -> int:
+    """Run argv, copying its output to the terminal line by line.
+
+    With squash_progress, Vagrant's redrawn `Progress: N%` bar becomes one line
+    per ten percent, readable in a CI log.
+    """
+    shown = -10
+    pending = b""
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read1(65536):
+            if not squash_progress:
+                sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-                if sink:
-                    sink.write(line)
-        finally:
-            if sink:
-                sink.close()
-        return p.wait()
+                continue
+            *segments, pending = SEGMENT_RE.split(pending + chunk)
+            for segment in segments:
+                match = PROGRESS_RE.search(segment)
+                if match:
+                    percent = int(match.group(1))
+                    if percent >= shown + 10:
+                        shown = percent - percent % 10
+                        sys.stdout.write(f"    upload {shown}%\n")
+                elif segment.strip():
+                    sys.stdout.buffer.write(segment + b"\n")
+            sys.stdout.flush()
+        if pending.strip():
+            sys.stdout.buffer.write(pending + b"\n")
+        return proc.wait()

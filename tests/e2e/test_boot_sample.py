@@ -1,0 +1,63 @@
+"""A real PV boot: the sample volume through PV-GRUB 2, user-data through the DNAT."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pvlab import sample
+from pvlab.settings import PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def sample_image(pvlab_settings):
+    return sample.build_sample_image(Path(pvlab_settings.cache_dir) / "images")
+
+
+def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def printed_user_data(console: str) -> str:
+    match = re.search(
+        re.escape(sample.BEGIN_MARKER) + r"\n(.*?)\n?" + re.escape(sample.END_MARKER),
+        console,
+        re.S,
+    )
+    assert match, f"no user-data markers in the console:\n{console[-3000:]}"
+    return match.group(1)
+
+
+def test_guest_prints_the_user_data_registered_for_it(host, sample_image, tmp_path):
+    user_data = {"GREETING": "hello", "PVLAB_TEST": "e2e"}
+    path = tmp_path / "user-data.json"
+    path.write_text(json.dumps(user_data))
+
+    result = invoke(
+        "boot", "--image", str(sample_image), "--name", "pvlab-e2e",
+        "--user-data", str(path), "--memory", "256", "--instance-type", "t1.micro",
+    )
+
+    console = result.stdout
+    assert result.returncode == 0, result.stderr + console[-3000:]
+    assert "menu.lst" in console
+    assert "Linux version" in console
+    assert json.loads(printed_user_data(console)) == user_data
+
+
+def test_nothing_of_the_guest_remains_after_it_stops(host):
+    assert "pvlab-imds" not in host.check_output("iptables -w -t nat -S PREROUTING")
+    assert host.run("xl domid pvlab-e2e").rc != 0
+    assert not host.file("/var/lib/pvlab/guests/pvlab-e2e").exists
+    assert not host.file("/var/lib/pvlab/dhcp-hosts/pvlab-e2e").exists

@@ -1,0 +1,33 @@
+"""Role imds: the metadata emulator and the metadata-fake vif hotplug script."""
+
+
+def test_metadata_service_runs_and_starts_at_boot(host):
+    service = host.service("pvlab-imds")
+    assert service.is_running
+    assert service.is_enabled
+
+
+def test_metadata_service_listens_only_on_the_bridge_address(host, pvlab_settings):
+    listening = [
+        s for s in host.socket.get_listening_sockets()
+        if s.endswith(f":{pvlab_settings.imds_port}")
+    ]
+    assert listening == [f"tcp://{pvlab_settings.bridge_address}:{pvlab_settings.imds_port}"]
+
+
+def test_hotplug_script_is_installed_and_executable(host):
+    hook = host.file("/etc/xen/scripts/metadata-fake")
+    assert hook.is_file and hook.mode & 0o111
+    assert host.run("bash -n /etc/xen/scripts/metadata-fake").rc == 0
+    assert hook.contains('. "$dir/vif-bridge"')
+
+
+def test_hotplug_script_refuses_a_hostile_vif_name(host):
+    before = host.check_output("iptables -w -t nat -S PREROUTING")
+    result = host.run(
+        "vif='vif1.0;touch /tmp/pwned' XENBUS_PATH=/local/domain/0/backend/vif/999/0 "
+        "/etc/xen/scripts/metadata-fake online"
+    )
+    assert result.rc != 0
+    assert not host.file("/tmp/pwned").exists
+    assert host.check_output("iptables -w -t nat -S PREROUTING") == before
