@@ -17,7 +17,7 @@ from pathlib import Path
 from invoke import Collection, Exit, task
 
 from pvlab import domain, settings as settings_mod
-from pvlab.errors import PvlabError
+from pvlab.errors import ImageError, PvlabError
 from pvlab.settings import PROJECT_ROOT
 
 log = logging.getLogger("pvlab")
@@ -105,6 +105,33 @@ def provision(c, memory=None, cpus=None, verbose=False):
     prov.provision(s, progress)
 
 
+@pvtask(
+    help={
+        "image": "The boot volume to inspect (raw disk image).",
+        "pvgrub_variant": "auto (from the layout), hd0 or hd00.",
+        "flavor": "PV-GRUB to judge by: legacy (what EC2 runs, default) or pvgrub2.",
+    }
+)
+def check(c, image=None, pvgrub_variant="auto", flavor="legacy"):
+    """Inspect a boot volume offline and say why EC2's PV-GRUB would not boot it."""
+    if not image:
+        raise PvlabError("give the boot volume to inspect with --image PATH.")
+    findings = _check_image(Path(image), pvgrub_variant, flavor)
+    errors = sum(f.is_error for f in findings)
+    progress(f"{image}: {errors} errors, {len(findings) - errors} warnings")
+    if errors:
+        raise Exit(code=1)
+
+
+def _check_image(image: Path, variant: str, flavor: str) -> list:
+    from pvlab import image as image_mod
+
+    findings = image_mod.check(image, variant=variant, flavor=flavor)
+    for finding in findings:
+        print(f"pvlab: {finding}", file=sys.stderr if finding.is_error else sys.stdout)
+    return findings
+
+
 def _guests(s):
     return domain.Guests(_dom0(s), s)
 
@@ -119,7 +146,9 @@ def _guests(s):
         "instance_type": "EC2 instance type to size the guest (default: setting).",
         "memory": "Override the instance type's memory (MiB), e.g. for small tests.",
         "mac": "Guest MAC address (default: random in Xen's 00:16:3e range).",
-        "pvgrub_variant": "hd0 (unpartitioned volume) or hd00 (partitioned).",
+        "pvgrub_variant": "auto (from the image's layout), hd0 (unpartitioned "
+        "volume) or hd00 (partitioned).",
+        "force": "Boot even when the check finds errors (to reproduce EC2's failure).",
         "paused": "Create the guest paused and return (for `invoke gdb`).",
         "keep": "Keep the guest when the console is interrupted.",
         "verbose": "Show every command run.",
@@ -136,7 +165,8 @@ def boot(
     instance_type=None,
     memory=None,
     mac=None,
-    pvgrub_variant="hd0",
+    pvgrub_variant="auto",
+    force=False,
     paused=False,
     keep=False,
     verbose=False,
@@ -155,6 +185,7 @@ def boot(
         memory=int(memory) if memory else None,
         mac=mac,
         pvgrub_variant=pvgrub_variant,
+        force=force,
         paused=paused,
         keep=keep,
     )
@@ -172,20 +203,28 @@ def boot_image(
     no_user_data: bool = False,
     memory: int | None = None,
     mac: str | None = None,
-    pvgrub_variant: str = "hd0",
+    pvgrub_variant: str = "auto",
+    force: bool = False,
     paused: bool = False,
     keep: bool = False,
 ) -> int:
+    from pvlab import image as image_mod
     from pvlab import instance_types
 
     domain.validate_name(name)
-    if not image.is_file():
-        raise PvlabError(
-            f"boot volume {image} does not exist or is not a file; give the raw image "
-            "UniK built (keep it with --no-cleanup)."
-        )
     itype = instance_types.lookup(s.instance_type)
     data = domain.read_user_data(user_data, env, no_user_data)
+    volume = image_mod.BootVolume(image)
+    if pvgrub_variant == "auto":
+        pvgrub_variant = image_mod.pick_variant(volume)
+    findings = _check_image(image, pvgrub_variant, s.pvgrub_flavor)
+    errors = [f for f in findings if f.is_error]
+    if errors and not force:
+        raise ImageError(
+            f"{image} would not boot under PV-GRUB {pvgrub_variant} "
+            f"({len(errors)} errors above); fix it, or pass --force to boot it "
+            "anyway and watch it fail as on EC2."
+        )
     guests = _guests(s)
     guests.prune()
     mac = domain.validate_mac(mac) if mac else _unused_mac(guests, s)
@@ -392,5 +431,6 @@ def clean(c, stale=False, cache=False, verbose=False):
 
 
 ns = Collection(
-    host, box, provision, boot, destroy, list_, demo, test, settings, halt, clean
+    host, box, provision, check, boot, destroy, list_, demo, test, settings, halt,
+    clean,
 )

@@ -138,7 +138,13 @@ class Dom0:
         return options
 
     def ssh_argv(self, command: str, tty: bool = False) -> list[str]:
-        argv = ["ssh", "-F", str(self.ssh_config()), "-o", "LogLevel=ERROR"]
+        # One shared connection: a new SSH handshake costs seconds in an
+        # emulated dom0, and a boot runs a dozen commands.
+        argv = [
+            "ssh", "-F", str(self.ssh_config()), "-o", "LogLevel=ERROR",
+            "-o", "ControlMaster=auto", "-o", "ControlPersist=60",
+            "-o", f"ControlPath={self.state_dir / 'ssh-%C'}",
+        ]
         argv += ["-tt"] if tty else ["-T"]
         return [*argv, "dom0", command]
 

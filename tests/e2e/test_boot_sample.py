@@ -51,8 +51,9 @@ def test_guest_prints_the_user_data_registered_for_it(host, sample_image, tmp_pa
 
     console = result.stdout
     assert result.returncode == 0, result.stderr + console[-3000:]
-    assert "menu.lst" in console
-    assert "Linux version" in console
+    assert "reading (xen/sda1)/boot/grub/menu.lst" in console
+    assert "Booting `pvlab sample'" in console
+    assert "pvlab-sample: init started" in console
     assert json.loads(printed_user_data(console)) == user_data
 
 
