@@ -252,6 +252,9 @@ class Guests:
         else:
             cmd += "--user-data-file -"
             stdin = spec.user_data
+        # A new guest of an old name is a new instance: its request log starts
+        # empty (the old one stays readable until then, for post-mortems).
+        cmd = f"rm -f {IMDS_STATE_DIR}/logs/{q(spec.name)}.jsonl*; {cmd}"
         result = self.dom0.run(cmd, input=stdin, check=False)
         if result.returncode != 0:
             message = result.stderr.decode(errors="replace").strip().splitlines()
@@ -267,6 +270,24 @@ class Guests:
             f"mkdir -p {DHCP_HOSTS_DIR} && cat > {DHCP_HOSTS_DIR}/{q(spec.name)}",
             input=host_line,
         )
+
+    def imds_command(self, verb: str, name: str, *args: str) -> str:
+        return shlex.join([
+            "python3", IMDS_SCRIPT, verb, "--state-dir", IMDS_STATE_DIR,
+            "--name", name, *args,
+        ])
+
+    def imds(self, verb: str, name: str, *args: str, input: bytes = b"") -> str:
+        """Run an IMDS CLI verb for a guest in dom0; its refusal becomes an error."""
+        result = self.dom0.run(self.imds_command(verb, name, *args), input=input,
+                               check=False)
+        stdout = result.stdout.decode(errors="replace")
+        if result.returncode != 0:
+            lines = result.stderr.decode(errors="replace").strip().splitlines()
+            raise DomainError(
+                f"the metadata service refused: {lines[-1] if lines else 'no reason'}"
+            )
+        return stdout
 
     def forget(self, name: str) -> None:
         q = shlex.quote(name)

@@ -42,12 +42,34 @@ def mirrors(settings: Settings) -> tuple[str, str | None]:
     return mirror, security or None
 
 
-def extra_vars(settings: Settings) -> dict:
+def debug_xen(settings: Settings, progress=log.info):
+    """The gdbsx hypervisor and tool for the Xen version dom0 is pinned to."""
+    from pvlab import xen_debug
+
+    mirror, security = mirrors(settings)
+    version = xen_debug.suite_version()
+    cached = xen_debug.cached_debug_xen(Path(settings.cache_dir), version)
+    if cached:
+        return cached
+    progress(f"building Xen {version} with gdbsx support on the host (about 3 min)")
+    xen_debug.ensure_build_deps(progress)
+    return xen_debug.build_debug_xen(
+        Path(settings.cache_dir), version, progress,
+        mirror=mirror, security_mirror=security,
+    )
+
+
+def extra_vars(settings: Settings, progress=log.info) -> dict:
     import ipaddress
 
     mirror, security = mirrors(settings)
     bridge = ipaddress.ip_network(settings.bridge_network)
+    debug = debug_xen(settings, progress)
     return {
+        # dom0 runs the release suite's Xen: the one whose source the gdbsx
+        # hypervisor is built from (the security suite serves no sources here).
+        "xen_host_version": debug.version,
+        **debug.role_vars(),
         "apt_source_proxy": settings.apt_proxy,
         "apt_source_mirror": mirror,
         "apt_source_security_mirror": security or "",
@@ -75,10 +97,12 @@ def ensure_box(settings: Settings, progress=log.info) -> None:
     box.add_box(path, settings.box_name, progress=progress)
 
 
-def run_playbook(dom0: Dom0, settings: Settings, playbook: Path = PLAYBOOK) -> Recap:
+def run_playbook(
+    dom0: Dom0, settings: Settings, playbook: Path = PLAYBOOK, progress=log.info
+) -> Recap:
     inventory = dom0.ansible_inventory()
     vars_file = dom0.state_dir / "pvlab-ansible.json"
-    vars_file.write_text(json.dumps(extra_vars(settings), indent=2))
+    vars_file.write_text(json.dumps(extra_vars(settings, progress), indent=2))
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(PROJECT_ROOT / "ansible.cfg"),
@@ -129,7 +153,7 @@ def provision(settings: Settings, progress=log.info) -> Recap:
     else:
         dom0.write_vagrant_settings()
     progress("applying the Ansible roles to dom0")
-    recap = run_playbook(dom0, settings)
+    recap = run_playbook(dom0, settings, progress=progress)
     progress(
         f"dom0 provisioned: {recap.ok} ok, {recap.changed} changed "
         f"({time.monotonic() - started:.0f} s)"

@@ -149,7 +149,12 @@ def _guests(s):
         "pvgrub_variant": "auto (from the image's layout), hd0 (unpartitioned "
         "volume) or hd00 (partitioned).",
         "force": "Boot even when the check finds errors (to reproduce EC2's failure).",
-        "paused": "Create the guest paused and return (for `invoke gdb`).",
+        "paused": "Create the guest paused and return (for `invoke gdb`, which "
+        "then attaches where it stands).",
+        "debug": "Boot for `invoke gdb --wait-for-kernel`: like --paused, but the "
+        "copy of the volume in dom0 (never your file) has its kernel entry patched "
+        "to spin, so gdb can stop the kernel at its first instruction; needs an "
+        "ELF (or gzip'd ELF) kernel.",
         "keep": "Keep the guest when the console is interrupted.",
         "verbose": "Show every command run.",
     },
@@ -168,6 +173,7 @@ def boot(
     pvgrub_variant="auto",
     force=False,
     paused=False,
+    debug=False,
     keep=False,
     verbose=False,
 ):
@@ -187,6 +193,7 @@ def boot(
         pvgrub_variant=pvgrub_variant,
         force=force,
         paused=paused,
+        debug=debug,
         keep=keep,
     )
     if code:
@@ -206,8 +213,10 @@ def boot_image(
     pvgrub_variant: str = "auto",
     force: bool = False,
     paused: bool = False,
+    debug: bool = False,
     keep: bool = False,
 ) -> int:
+    from pvlab import debug as debug_mod
     from pvlab import image as image_mod
     from pvlab import instance_types
 
@@ -228,6 +237,7 @@ def boot_image(
     guests = _guests(s)
     guests.prune()
     mac = domain.validate_mac(mac) if mac else _unused_mac(guests, s)
+    paused = paused or debug
     spec = domain.GuestSpec(
         name=name,
         image=image,
@@ -242,10 +252,23 @@ def boot_image(
     guests.check_new(spec)
     log_file = Path(s.cache_dir) / "logs" / f"{name}-console.log"
     created = False
+    # What gdb needs later: the kernel's identity, and with --debug the patched copy.
+    debug_boot = debug_mod.prepare_boot(volume, Path(s.cache_dir) / "images", spin=debug)
+    if debug_boot.refusal:
+        progress(f"note: {debug_boot.refusal}")
+    spec.image = debug_boot.image
     try:
         guests.prepare(spec, progress)
+        debug_boot.write_record(guests.dom0, spec.guest_dir)
         guests.create_paused(spec)
         created = True
+        if debug_boot.spin:
+            progress(
+                f"{name} created paused, its kernel to spin at its entry "
+                f"{debug_boot.spin.entry:#x}; `invoke gdb --name {name} --program "
+                "PROGRAM` boots it and stops there"
+            )
+            return 0
         if paused:
             progress(f"{name} created paused; attach with `invoke gdb --name {name}`")
             return 0
@@ -264,6 +287,7 @@ def boot_image(
         progress(f"interrupted; destroying {name}")
         raise
     finally:
+        debug_boot.discard()
         if not (paused and created) and not (keep and created):
             guests.destroy(name)
 
@@ -288,6 +312,172 @@ def destroy(c, name=None, verbose=False):
     domain.validate_name(name)
     ran = _guests(s).destroy(name)
     progress(f"{name} destroyed" if ran else f"{name} was not running; leftovers removed")
+
+
+@pvtask(
+    help={
+        "name": "Guest whose metadata to show or change.",
+        "log": "Print what the guest asked the metadata service and what it got.",
+        "follow": "With --log: keep printing new requests until Ctrl-C.",
+        "spot_interruption": "Announce a spot interruption: terminate, stop or "
+        "hibernate (spot/instance-action appears).",
+        "scheduled_event": "Announce a scheduled event by code, e.g. "
+        "system-reboot (events/maintenance/scheduled).",
+        "clear_events": "Withdraw the announced events.",
+        "import_": "Replay a meta-data tree captured on EC2 "
+        "(JSON from scripts/imds-capture.py).",
+        "verbose": "Show every command run.",
+    }
+)
+def metadata(
+    c,
+    name=None,
+    log=False,
+    follow=False,
+    spot_interruption=None,
+    scheduled_event=None,
+    clear_events=False,
+    import_=None,
+    verbose=False,
+):
+    """Inspect or change what the metadata service tells a guest."""
+    if not name:
+        raise PvlabError("name the guest with --name NAME (see `invoke list`).")
+    domain.validate_name(name)
+    actions = [bool(log), bool(spot_interruption), bool(scheduled_event),
+               bool(clear_events), bool(import_)]
+    if sum(actions) != 1:
+        raise PvlabError(
+            "give exactly one of --log, --spot-interruption, --scheduled-event, "
+            "--clear-events or --import."
+        )
+    s = _settings()
+    guests = _guests(s)
+    if import_:
+        path = Path(import_)
+        try:
+            dump = path.read_bytes()
+        except OSError as exc:
+            raise PvlabError(f"{path} cannot be read ({exc.strerror}).") from None
+        print(guests.imds("import", name, "-", input=dump), end="")
+    elif log:
+        if follow:
+            code = guests.dom0.stream_command(guests.imds_command("log", name, "--follow"))
+            raise Exit(code=code)
+        for line in guests.imds("log", name).splitlines():
+            print(_format_request(line))
+    elif clear_events:
+        print(guests.imds("event", name, "--clear"), end="")
+    elif spot_interruption:
+        print(guests.imds("event", name, "--spot-interruption", spot_interruption),
+              end="")
+    else:
+        print(guests.imds("event", name, "--scheduled-event", scheduled_event), end="")
+
+
+def _format_request(line: str) -> str:
+    """One request-log record as an aligned line: time, method, path, status."""
+    try:
+        r = json.loads(line)
+        return (
+            f"{r['time']}  {r['imds']:3} {r['method']:6} {r['status']:3}  "
+            f"{r['latency_ms']:7.1f} ms  {r['path']}"
+        )
+    except (ValueError, KeyError, TypeError):
+        return line
+
+
+@pvtask(
+    help={
+        "name": "Guest to debug (see `invoke list`).",
+        "program": "The kernel the guest boots (program.bin of its volume; an ELF, "
+        "gzip'd ELF or bzImage), for symbols; checked against the booted kernel.",
+        "break_": "Set a breakpoint at SYMBOL or *ADDRESS; repeat for more.",
+        "ex": "Run a gdb command after attaching; repeat, in order.",
+        "batch": "Run the --break and --ex commands, detach and exit (no prompt).",
+        "wait_for_kernel": "Start a guest booted with `invoke boot --debug` and stop "
+        "its kernel at its first instruction (default for such a guest).",
+        "no_wait_for_kernel": "Attach to the guest where it stands, stopping it.",
+        "on_host": "Run this host's gdb through an SSH tunnel instead of gdb in dom0.",
+        "core": "Open a core from `invoke core` instead of a live guest.",
+        "timeout": "Seconds to wait for the kernel to reach its entry (default 300).",
+        "verbose": "Show every command run.",
+    },
+    iterable=["break_", "ex"],
+    # Invoke's generated one-letter flags would be arbitrary for this many options.
+    auto_shortflags=False,
+)
+def gdb(
+    c,
+    name=None,
+    program=None,
+    break_=None,
+    ex=None,
+    batch=False,
+    wait_for_kernel=False,
+    no_wait_for_kernel=False,
+    on_host=False,
+    core=None,
+    timeout=None,
+    verbose=False,
+):
+    """Debug a guest's kernel with gdb through gdbsx in dom0.
+
+    Stop a kernel at its first instruction: `invoke boot --debug --image IMG
+    --name N` creates the guest paused with the copy of its volume patched so
+    that the kernel spins at its entry; `invoke gdb --name N --program
+    program.bin` then unpauses it, waits while PV-GRUB loads the kernel, attaches,
+    puts the entry's two original bytes back and leaves gdb at the entry. For
+    any other guest, `invoke gdb` attaches where it runs, which stops it. gdbsx
+    listens on dom0's loopback only and ends with gdb; the guest runs on after
+    gdb detaches or quits. gdbsx does not pass gdb's Ctrl-C on: while the guest
+    runs under `continue`, stop it with `xl pause N` in dom0.
+    """
+    from pvlab import debug as debug_mod
+
+    if wait_for_kernel and no_wait_for_kernel:
+        raise PvlabError("give --wait-for-kernel or --no-wait-for-kernel, not both.")
+    if not program:
+        raise PvlabError("give the guest's kernel file for symbols with --program.")
+    if core:
+        code = debug_mod.open_core(Path(core), Path(program), ex or [], batch, progress)
+        raise Exit(code=code)
+    if not name:
+        raise PvlabError("name the guest to debug with --name NAME (see `invoke list`).")
+    domain.validate_name(name)
+    request = debug_mod.GdbRequest(
+        name=name,
+        program=Path(program),
+        breaks=break_ or [],
+        ex=ex or [],
+        batch=batch,
+        wait_for_kernel=True if wait_for_kernel else False if no_wait_for_kernel else None,
+        on_host=on_host,
+        timeout=float(timeout) if timeout else debug_mod.DEFAULT_KERNEL_TIMEOUT,
+    )
+    code = debug_mod.run_gdb(_dom0(_settings()), request, progress)
+    if code:
+        raise Exit(code=code)
+
+
+@pvtask(
+    help={
+        "name": "Guest whose memory to dump.",
+        "output": "Where to write the core on this host (default NAME.core).",
+        "verbose": "Show every command run.",
+    }
+)
+def core(c, name=None, output=None, verbose=False):
+    """Dump a guest's memory and vCPU state with `xl dump-core` onto this host."""
+    from pvlab import debug as debug_mod
+
+    if not name:
+        raise PvlabError("name the guest to dump with --name NAME (see `invoke list`).")
+    domain.validate_name(name)
+    path = Path(output or f"{name}.core")
+    debug_mod.dump_core(_dom0(_settings()), name, path, progress)
+    progress(f"core of {name} in {path}; open it with `invoke gdb --core {path} "
+             "--program PROGRAM`")
 
 
 @pvtask(name="list", help={"verbose": "Show every command run."})
@@ -431,6 +621,6 @@ def clean(c, stale=False, cache=False, verbose=False):
 
 
 ns = Collection(
-    host, box, provision, check, boot, destroy, list_, demo, test, settings, halt,
-    clean,
+    host, box, provision, check, boot, destroy, list_, metadata, gdb, core, demo,
+    test, settings, halt, clean,
 )

@@ -179,6 +179,10 @@ class Dom0:
             raise VmError(f"in dom0, `{command}` failed: {last[0]}")
         return result
 
+    def stream_command(self, command: str) -> int:
+        """Run a command in dom0 as root with its output streamed to the terminal."""
+        return stream(self.ssh_argv(f"sudo sh -c {shlex.quote(command)}"))
+
     def copy_to(self, local: Path, remote: str) -> None:
         """Copy a file into dom0 (as root), streaming it through SSH."""
         remote_q = shlex.quote(remote)

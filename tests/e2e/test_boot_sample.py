@@ -57,6 +57,18 @@ def test_guest_prints_the_user_data_registered_for_it(host, sample_image, tmp_pa
     assert json.loads(printed_user_data(console)) == user_data
 
 
+def test_guest_used_an_imdsv2_token_and_the_request_log_shows_it(host):
+    result = invoke("metadata", "--name", "pvlab-e2e", "--log")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any("PUT" in l and " 200 " in l and "/latest/api/token" in l for l in lines)
+    assert any(
+        l.split()[1] == "v2" and "GET" in l and " 200 " in l and l.endswith(
+            "/latest/user-data")
+        for l in lines
+    ), result.stdout
+
+
 def test_nothing_of_the_guest_remains_after_it_stops(host):
     assert "pvlab-imds" not in host.check_output("iptables -w -t nat -S PREROUTING")
     assert host.run("xl domid pvlab-e2e").rc != 0

@@ -24,4 +24,10 @@ def test_dhcp_serves_the_bridge_only(host):
     assert host.service("dnsmasq").is_enabled
     config = host.file("/etc/dnsmasq.d/pvlab-xenbr0.conf").content_string
     assert "interface=xenbr0" in config and "port=0" in config
-    assert host.socket("udp://0.0.0.0:67").is_listening
+    # Bound to the bridge device itself: no DHCP answers on any other interface.
+    listening = host.check_output("ss -lun")
+    assert "%xenbr0:67 " in listening
+    assert not any(
+        line.split()[3].endswith(":67") and "%xenbr0" not in line
+        for line in listening.splitlines()[1:]
+    )
