@@ -85,6 +85,7 @@ class GuestSpec:
     pvgrub_flavor: str = "pvgrub2"
     pvgrub_variant: str = "hd0"
     vdev: str = "sda1"
+    vcpus: int | None = None
     on_crash: str = "preserve"
     extra_registration: dict = field(default_factory=dict)
 
@@ -124,7 +125,7 @@ def render_xl_config(spec: GuestSpec) -> str:
         kernel=spec.kernel,
         extra=spec.extra,
         memory=spec.memory,
-        vcpus=spec.instance_type.vcpus,
+        vcpus=spec.vcpus or spec.instance_type.vcpus,
         bridge=BRIDGE,
         mac=spec.mac,
         disk=spec.disk,
@@ -307,7 +308,7 @@ class Guests:
         progress(
             f"registering {spec.name}: mac {spec.mac}, address {spec.ip}, "
             f"{spec.instance_type.name} ({spec.memory} MiB, "
-            f"{spec.instance_type.vcpus} vCPU)"
+            f"{spec.vcpus or spec.instance_type.vcpus} vCPU)"
         )
         self.register(spec)
 

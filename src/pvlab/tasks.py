@@ -139,7 +139,9 @@ def _guests(s):
 @pvtask(
     help={
         "image": "The boot volume: a raw disk image as EC2 attaches it (sda1).",
-        "name": "Guest name (default aws-test).",
+        "config": "A hand-written xl config (name, memory, vcpus, vif mac, disk); "
+        "pvlab swaps its kernel for its own PV-GRUB.",
+        "name": "Guest name (default aws-test, or the config's).",
         "user_data": "File whose bytes the guest gets as user-data.",
         "env": "KEY=VALUE for UniK's user-data map; repeat for more keys.",
         "no_user_data": "Serve no user-data at all (EC2's 404).",
@@ -163,7 +165,8 @@ def _guests(s):
 def boot(
     c,
     image=None,
-    name="aws-test",
+    config=None,
+    name=None,
     user_data=None,
     env=None,
     no_user_data=False,
@@ -178,17 +181,40 @@ def boot(
     verbose=False,
 ):
     """Boot an AWS-style boot volume under PV-GRUB in dom0 and stream its console."""
+    vcpus = None
+    if config:
+        from pvlab import xlconfig
+
+        xl = xlconfig.parse(Path(config))
+        disk, vdev = xl.disk
+        image = image or disk
+        name = name or xl.name
+        memory = memory or xl.memory
+        vcpus = xl.vcpus
+        mac = mac or xl.mac
+        if not Path(image).is_file():
+            raise PvlabError(
+                f"{config} boots {disk}, which is not a file here; pass --image with "
+                "the boot volume's path on this machine."
+            )
+        progress(
+            f"{config}: booting {image} as {vdev}; its kernel {xl.kernel} is "
+            "replaced by pvlab's PV-GRUB of the matching variant"
+        )
     if not image:
         raise PvlabError("give the boot volume to boot with --image PATH.")
+    if memory is not None and not str(memory).isdigit():
+        raise PvlabError(f"--memory must be a number of MiB, not {memory!r}.")
     s = _settings(instance_type=instance_type)
     code = boot_image(
         s,
         Path(image),
-        name=name,
+        name=name or "aws-test",
         user_data=Path(user_data) if user_data else None,
         env=env,
         no_user_data=no_user_data,
         memory=int(memory) if memory else None,
+        vcpus=vcpus,
         mac=mac,
         pvgrub_variant=pvgrub_variant,
         force=force,
@@ -209,6 +235,7 @@ def boot_image(
     env: list[str] | None = None,
     no_user_data: bool = False,
     memory: int | None = None,
+    vcpus: int | None = None,
     mac: str | None = None,
     pvgrub_variant: str = "auto",
     force: bool = False,
@@ -248,12 +275,15 @@ def boot_image(
         user_data=data,
         pvgrub_flavor=s.pvgrub_flavor,
         pvgrub_variant=pvgrub_variant,
+        vcpus=vcpus,
     )
     guests.check_new(spec)
     log_file = Path(s.cache_dir) / "logs" / f"{name}-console.log"
     created = False
     # What gdb needs later: the kernel's identity, and with --debug the patched copy.
-    debug_boot = debug_mod.prepare_boot(volume, Path(s.cache_dir) / "images", spin=debug)
+    debug_boot = debug_mod.prepare_boot(
+        volume, Path(s.cache_dir) / "images", spin=debug
+    )
     if debug_boot.refusal:
         progress(f"note: {debug_boot.refusal}")
     spec.image = debug_boot.image
@@ -443,15 +473,20 @@ def gdb(
         code = debug_mod.open_core(Path(core), Path(program), ex or [], batch, progress)
         raise Exit(code=code)
     if not name:
-        raise PvlabError("name the guest to debug with --name NAME (see `invoke list`).")
+        raise PvlabError(
+            "name the guest to debug with --name NAME (see `invoke list`)."
+        )
     domain.validate_name(name)
+    wait = None
+    if wait_for_kernel or no_wait_for_kernel:
+        wait = bool(wait_for_kernel)
     request = debug_mod.GdbRequest(
         name=name,
         program=Path(program),
         breaks=break_ or [],
         ex=ex or [],
         batch=batch,
-        wait_for_kernel=True if wait_for_kernel else False if no_wait_for_kernel else None,
+        wait_for_kernel=wait,
         on_host=on_host,
         timeout=float(timeout) if timeout else debug_mod.DEFAULT_KERNEL_TIMEOUT,
     )
