@@ -165,8 +165,24 @@ def ensure_mgmt_network(settings: Settings, progress=log.info) -> None:
         path.write_text(mgmt_network_xml(settings))
         virsh("net-define", str(path))
         info = virsh("net-info", MGMT_NETWORK_NAME)
+    if _line_value(info.stdout, "Active") == "yes" and not _network_dhcp_running():
+        # libvirtd restarted after its dnsmasq was killed (as when a CI run
+        # follows a session): the network looks active but hands out no
+        # addresses, so the VM would never get one.
+        progress(f"restarting libvirt network {MGMT_NETWORK_NAME} (its DHCP had died)")
+        virsh("net-destroy", MGMT_NETWORK_NAME, check=False)
+        info = virsh("net-info", MGMT_NETWORK_NAME)
     if not _line_value(info.stdout, "Active") == "yes":
         virsh("net-start", MGMT_NETWORK_NAME)
+
+
+def _network_dhcp_running() -> bool:
+    pidfile = Path(f"/run/libvirt/network/{MGMT_NETWORK_NAME}.pid")
+    try:
+        os.kill(int(pidfile.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _line_value(text: str, key: str) -> str:
