@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvlab.errors import HostError
-from pvlab.settings import NAME_PREFIX, Settings
+from pvlab.settings import Settings
 from pvlab.shell import CommandError, run, succeeds
 
 log = logging.getLogger(__name__)
 
 LIBVIRT_URI = "qemu:///system"
-MGMT_NETWORK_NAME = f"{NAME_PREFIX}-mgmt"
 STORAGE_POOL = "default"
 STORAGE_POOL_DIR = "/var/lib/libvirt/images"
 
@@ -144,8 +143,8 @@ def mgmt_network_xml(settings: Settings) -> str:
     hosts = list(net.hosts())
     # No <forward> element: an isolated network, nothing routed to the outside.
     return f"""<network>
-  <name>{MGMT_NETWORK_NAME}</name>
-  <bridge name='{NAME_PREFIX}br0' stp='on' delay='0'/>
+  <name>{settings.mgmt_network_name}</name>
+  <bridge name='{settings.name_prefix}br0' stp='on' delay='0'/>
   <ip address='{hosts[0]}' netmask='{net.netmask}'>
     <dhcp>
       <range start='{hosts[len(hosts) // 2]}' end='{hosts[-1]}'/>
@@ -156,28 +155,29 @@ def mgmt_network_xml(settings: Settings) -> str:
 
 
 def ensure_mgmt_network(settings: Settings, progress=log.info) -> None:
-    info = virsh("net-info", MGMT_NETWORK_NAME, check=False)
+    name = settings.mgmt_network_name
+    info = virsh("net-info", name, check=False)
     if info.returncode != 0:
-        progress(f"defining isolated libvirt network {MGMT_NETWORK_NAME} "
+        progress(f"defining isolated libvirt network {name} "
                  f"({settings.mgmt_network}, no forwarding)")
-        path = Path(settings.cache_dir) / f"{MGMT_NETWORK_NAME}.xml"
+        path = Path(settings.cache_dir) / f"{name}.xml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(mgmt_network_xml(settings))
         virsh("net-define", str(path))
-        info = virsh("net-info", MGMT_NETWORK_NAME)
-    if _line_value(info.stdout, "Active") == "yes" and not _network_dhcp_running():
+        info = virsh("net-info", name)
+    if _line_value(info.stdout, "Active") == "yes" and not _network_dhcp_running(name):
         # libvirtd restarted after its dnsmasq was killed (as when a CI run
         # follows a session): the network looks active but hands out no
         # addresses, so the VM would never get one.
-        progress(f"restarting libvirt network {MGMT_NETWORK_NAME} (its DHCP had died)")
-        virsh("net-destroy", MGMT_NETWORK_NAME, check=False)
-        info = virsh("net-info", MGMT_NETWORK_NAME)
+        progress(f"restarting libvirt network {name} (its DHCP had died)")
+        virsh("net-destroy", name, check=False)
+        info = virsh("net-info", name)
     if not _line_value(info.stdout, "Active") == "yes":
-        virsh("net-start", MGMT_NETWORK_NAME)
+        virsh("net-start", name)
 
 
-def _network_dhcp_running() -> bool:
-    pidfile = Path(f"/run/libvirt/network/{MGMT_NETWORK_NAME}.pid")
+def _network_dhcp_running(name: str) -> bool:
+    pidfile = Path(f"/run/libvirt/network/{name}.pid")
     try:
         os.kill(int(pidfile.read_text().strip()), 0)
     except (OSError, ValueError):
@@ -201,7 +201,8 @@ class AptCache:
 
     @property
     def base(self) -> Path:
-        return Path(self.settings.cache_dir) / "apt-cacher-ng"
+        suffix = "" if self.settings.name_prefix == "pvlab" else f"-{self.settings.name_prefix}"
+        return Path(self.settings.cache_dir) / f"apt-cacher-ng{suffix}"
 
     @property
     def pidfile(self) -> Path:
@@ -304,12 +305,12 @@ def prepare(settings: Settings, progress=log.info) -> None:
     AptCache(settings).ensure(progress)
 
 
-def project_domains() -> list[tuple[str, str]]:
+def project_domains(settings: Settings) -> list[tuple[str, str]]:
     """(name, uuid) of every libvirt domain with pvlab's name prefix."""
     out = virsh("list", "--all", "--name", check=False).stdout
     domains = []
     for name in out.split():
-        if name.startswith(f"{NAME_PREFIX}-"):
+        if name.startswith(f"{settings.name_prefix}-"):
             uuid = virsh("domuuid", name, check=False).stdout.strip()
             domains.append((name, uuid))
     return domains
@@ -326,8 +327,9 @@ def remove_domain(name: str, progress=log.info) -> None:
             virsh("vol-delete", volume, "--pool", STORAGE_POOL, check=False)
 
 
-def remove_mgmt_network(progress=log.info) -> None:
-    if virsh("net-info", MGMT_NETWORK_NAME, check=False).returncode == 0:
-        progress(f"removing libvirt network {MGMT_NETWORK_NAME}")
-        virsh("net-destroy", MGMT_NETWORK_NAME, check=False)
-        virsh("net-undefine", MGMT_NETWORK_NAME, check=False)
+def remove_mgmt_network(settings: Settings, progress=log.info) -> None:
+    name = settings.mgmt_network_name
+    if virsh("net-info", name, check=False).returncode == 0:
+        progress(f"removing libvirt network {name}")
+        virsh("net-destroy", name, check=False)
+        virsh("net-undefine", name, check=False)

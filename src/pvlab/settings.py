@@ -30,6 +30,8 @@ def _default_cache_dir() -> Path:
 
 @dataclass
 class Settings:
+    # Every libvirt domain, network and volume pvlab creates starts with this.
+    name_prefix: str = NAME_PREFIX
     # The dom0 VM.
     provider: str = "libvirt"
     accel: str = "auto"
@@ -67,6 +69,18 @@ class Settings:
     @property
     def bridge_prefixlen(self) -> int:
         return ipaddress.ip_network(self.bridge_network).prefixlen
+
+    @property
+    def mgmt_network_name(self) -> str:
+        return f"{self.name_prefix}-mgmt"
+
+    @property
+    def domain_name(self) -> str:
+        return f"{self.name_prefix}-dom0"
+
+    @property
+    def serial_log(self) -> str:
+        return f"/var/log/libvirt/qemu/{self.domain_name}-serial.log"
 
     @property
     def apt_proxy(self) -> str:
@@ -133,6 +147,12 @@ def _validate(settings: Settings) -> None:
                 f"{settings.sources.get(name, 'default')}: {name} must lie inside "
                 "198.18.0.0/15 so the VM networks never collide with a real one."
             )
+    if not re.fullmatch(r"[a-z][a-z0-9]{1,9}", settings.name_prefix):
+        raise SettingsError(
+            f"{settings.sources.get('name_prefix', 'default')}: name_prefix must be 2-10 "
+            f"lower-case letters or digits starting with a letter, not "
+            f"{settings.name_prefix!r}."
+        )
     if settings.public_network and not settings.public_network_interface:
         raise SettingsError(
             "public_network is on but public_network_interface names no host "

@@ -430,7 +430,8 @@ def _format_request(line: str) -> str:
         "no_wait_for_kernel": "Attach to the guest where it stands, stopping it.",
         "on_host": "Run this host's gdb through an SSH tunnel instead of gdb in dom0.",
         "core": "Open a core from `invoke core` instead of a live guest.",
-        "timeout": "Seconds to wait for the kernel to reach its entry (default 300).",
+        "timeout": "Seconds to wait for the kernel to reach its entry, and the "
+        "longest a --batch session may run (default 300 each).",
         "verbose": "Show every command run.",
     },
     iterable=["break_", "ex"],
@@ -636,7 +637,7 @@ def clean(c, stale=False, cache=False, verbose=False):
     host_mod.ensure_libvirt(progress)
     dom0 = Dom0(s)
     owned = dom0.libvirt_uuid()
-    for name, uuid in host_mod.project_domains():
+    for name, uuid in host_mod.project_domains(s):
         if stale and uuid == owned:
             continue
         host_mod.remove_domain(name, progress)
@@ -646,7 +647,7 @@ def clean(c, stale=False, cache=False, verbose=False):
         shutil.rmtree(dom0.state_dir / "machines")
     dom0.ssh_config_file.unlink(missing_ok=True)
     host_mod.AptCache(s).stop()
-    host_mod.remove_mgmt_network(progress)
+    host_mod.remove_mgmt_network(s, progress)
     if cache:
         progress(f"deleting caches in {s.cache_dir}")
         shutil.rmtree(s.cache_dir, ignore_errors=True)

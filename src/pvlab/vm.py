@@ -24,7 +24,6 @@ from pvlab.settings import PROJECT_ROOT, Settings
 log = logging.getLogger(__name__)
 
 MACHINE = "dom0"
-SERIAL_LOG = "/var/log/libvirt/qemu/pvlab-dom0-serial.log"
 
 
 @dataclass
@@ -68,7 +67,9 @@ class Dom0:
             "mgmt_network": s.mgmt_network,
             "public_network": s.public_network,
             "public_network_interface": s.public_network_interface,
-            "serial_log": SERIAL_LOG,
+            "name_prefix": s.name_prefix,
+            "mgmt_network_name": s.mgmt_network_name,
+            "serial_log": s.serial_log,
         }
         self.vagrant_settings_file.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -106,7 +107,7 @@ class Dom0:
         if stream(argv, cwd=self.root, env=env, squash_progress=True) != 0:
             raise VmError(
                 "`vagrant up` failed (see its output above; the VM's serial console "
-                f"is in {SERIAL_LOG})."
+                f"is in {self.settings.serial_log})."
             ) from None
 
     def halt(self) -> None:
