@@ -74,3 +74,52 @@ def test_nothing_of_the_guest_remains_after_it_stops(host):
     assert host.run("xl domid pvlab-e2e").rc != 0
     assert not host.file("/var/lib/pvlab/guests/pvlab-e2e").exists
     assert not host.file("/var/lib/pvlab/dhcp-hosts/pvlab-e2e").exists
+
+
+def test_partitioned_volume_boots_with_the_hd00_pv_grub(host, pvlab_settings, tmp_path):
+    image = sample.build_sample_image(
+        Path(pvlab_settings.cache_dir) / "images", layout="hd00"
+    )
+
+    result = invoke(
+        "boot", "--image", str(image), "--name", "pvlab-e2e-hd00", "--env",
+        "LAYOUT=hd00", "--memory", "256", "--instance-type", "t1.micro",
+    )
+
+    console = result.stdout
+    assert result.returncode == 0, result.stderr + console[-3000:]
+    assert "PV-GRUB 2 (hd00)" in console
+    assert json.loads(printed_user_data(console)) == {"LAYOUT": "hd00"}
+
+
+def test_hand_written_recipe_config_boots_with_pvlab_pv_grub(host, sample_image):
+    config = PROJECT_ROOT / "tests" / "fixtures" / "aws-test.conf"
+
+    result = invoke(
+        "boot", "--config", str(config), "--image", str(sample_image),
+        "--name", "pvlab-e2e-cfg", "--memory", "256",
+    )
+
+    console = result.stdout
+    assert result.returncode == 0, result.stderr + console[-3000:]
+    assert "replaced by pvlab's PV-GRUB" in console
+    assert "mac 00:16:3e:58:88:57" in console
+    assert json.loads(printed_user_data(console)) == {}
+
+
+def test_hd0_pv_grub_for_a_partitioned_volume_is_refused_before_anything_exists(
+    host, pvlab_settings
+):
+    image = sample.build_sample_image(
+        Path(pvlab_settings.cache_dir) / "images", layout="hd00"
+    )
+
+    result = invoke(
+        "boot", "--image", str(image), "--name", "pvlab-e2e-mismatch",
+        "--pvgrub-variant", "hd0", "--memory", "256",
+    )
+
+    assert result.returncode == 1
+    assert "would not boot under PV-GRUB hd0" in result.stderr
+    assert host.run("xl domid pvlab-e2e-mismatch").rc != 0
+    assert not host.file("/var/lib/pvlab/guests/pvlab-e2e-mismatch").exists

@@ -1,0 +1,89 @@
+"""Bad input on the command line: one clear sentence, exit status 1, no traceback.
+
+Every case here is refused before pvlab contacts dom0, so nothing can have been
+created.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pvlab.settings import PROJECT_ROOT
+
+
+def invoke(*args: str, cwd=PROJECT_ROOT, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    # Any existing file passes the early argument checks below.
+    path = tmp_path_factory.mktemp("vol") / "boot-vol.img"
+    path.write_bytes(b"\0" * 4096)
+    return path
+
+
+def assert_one_sentence(result, fragment):
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("pvlab: error:")]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0]
+    assert errors[0].rstrip().endswith(".")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["boot"], "--image PATH"),
+    (["boot", "--image", "/nonexistent/boot-vol.img"], "does not exist"),
+    (["boot", "--image", "/"], "is a directory"),
+    (["check"], "--image PATH"),
+    (["destroy"], "--name NAME"),
+    (["metadata", "--name", "x"], "exactly one of"),
+    (["test", "--tier", "smoke"], "unknown tier"),
+])
+def test_missing_or_wrong_arguments_are_one_sentence(args, fragment):
+    assert_one_sentence(invoke(*args), fragment)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--name", "bad name!"], "is not valid"),
+    (["--name", "x" * 70], "is not valid"),
+    (["--instance-type", "t2.micro"], "HVM only"),
+    (["--instance-type", "q9.tiny"], "unknown instance type"),
+    (["--env", "NOEQUALS"], "KEY=VALUE"),
+    (["--env", "A=1", "--env", "A=2"], "given twice"),
+    (["--user-data", "/nonexistent/ud.json"], "cannot be read"),
+    (["--memory", "lots"], "--memory must be a number"),
+])
+def test_bad_boot_options_are_refused_before_anything_is_created(volume, extra, fragment):
+    assert_one_sentence(invoke("boot", "--image", str(volume), *extra), fragment)
+
+
+def test_oversized_user_data_is_refused_like_ec2(volume, tmp_path):
+    big = tmp_path / "ud"
+    big.write_bytes(b"x" * (16 * 1024 + 1))
+    assert_one_sentence(
+        invoke("boot", "--image", str(volume), "--user-data", str(big)), "16 KiB"
+    )
+
+
+def test_empty_volume_is_not_a_filesystem(tmp_path):
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    result = invoke("check", "--image", str(empty))
+    assert result.returncode == 1
+    assert "empty" in result.stderr
+
+
+
+def test_unknown_setting_in_the_environment_is_one_sentence():
+    import os
+
+    env = dict(os.environ, PVLAB_BOGUS_KNOB="1")
+    assert_one_sentence(invoke("settings", env=env), "PVLAB_BOGUS_KNOB names no setting")
