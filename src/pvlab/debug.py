@@ -206,9 +206,9 @@ def spin_refusal(identity: KernelIdentity | None) -> str | None:
         )
     if identity.format == "bzimage":
         return (
-            "the kernel is a bzImage, whose ELF entry PV-GRUB reaches only after "
-            "decompressing it in memory, so pvlab cannot hold it at its entry; "
-            "attach to it as it runs instead (leave out --wait-for-kernel)."
+            "the kernel is a bzImage, whose compressed payload pvlab does not "
+            "rewrite, so it cannot be held at its entry; attach to it as it runs "
+            "instead (leave out --wait-for-kernel)."
         )
     if identity.entry is None:
         return "the kernel names no entry point; link it with one."
@@ -558,7 +558,34 @@ class Gdbsx:
             return False
         result = self.dom0.run(kill_script(self.pid, "gdbsx"), check=False, timeout=60)
         self.pid = 0
-        return "killed" in result.stdout
+        if "killed" not in result.stdout:
+            return False
+        # A killed gdbsx leaves the domain in debug mode, where the guest's own
+        # int3 (Linux patches code with it) would pause it for good; one more
+        # gdbsx that sees its connection close switches debug mode off.
+        self.dom0.run(gdbsx_reset_script(self.guest.domid), check=False, timeout=60)
+        return True
+
+
+def gdbsx_reset_script(domid: int) -> str:
+    """Attach gdbsx and close its connection at once: it then leaves debug mode,
+    undoes its own pause and exits."""
+    connect = (
+        "import socket, sys, time\n"
+        "port = int(sys.argv[1])\n"
+        "for _ in range(100):\n"
+        "    try:\n"
+        "        socket.create_connection(('127.0.0.1', port), 1).close()\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.1)\n"
+    )
+    return (
+        f"port=$({free_port_command()}); "
+        f"setsid {GDBSX} -a {domid} {GUEST_BITS} $port </dev/null >/dev/null 2>&1 & "
+        f"pid=$!; python3 -c {shlex.quote(connect)} $port; "
+        + kill_script("$pid", "gdbsx", grace=5)
+    )
 
 
 def kill_script(pid: int | str, comm: str, grace: int = CLEANUP_GRACE) -> str:
@@ -725,12 +752,20 @@ def run_gdb(dom0, request: GdbRequest, progress: Progress) -> int:
                 timeout=60,
             )
         if gdbsx.stop():
+            log.info("gdbsx did not end with gdb; pvlab stopped it")
+        try:
+            state = guest_state(dom0, guest.name)
+        except DomainError:
+            state = None
+        if state is None:
+            progress(f"gdb has ended; {guest.name} is gone")
+        elif state.paused:
             progress(
-                f"gdbsx stopped; {guest.name} stays paused (`xl unpause "
-                f"{guest.name}` in dom0 resumes it, `invoke destroy` removes it)"
+                f"gdb has ended; {guest.name} is paused (`xl unpause {guest.name}` "
+                "in dom0 resumes it, `invoke destroy` removes it)"
             )
         else:
-            progress(f"gdb detached; {guest.name} runs on")
+            progress(f"gdb has ended; {guest.name} runs on")
 
 
 def spin_to_release(

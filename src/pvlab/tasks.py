@@ -461,8 +461,10 @@ def gdb(
     puts the entry's two original bytes back and leaves gdb at the entry. For
     any other guest, `invoke gdb` attaches where it runs, which stops it. gdbsx
     listens on dom0's loopback only and ends with gdb; the guest runs on after
-    gdb detaches or quits. gdbsx does not pass gdb's Ctrl-C on: while the guest
-    runs under `continue`, stop it with `xl pause N` in dom0.
+    gdb detaches or quits (gdbsx drops the connection on `detach` before it
+    answers, so gdb then says "Remote connection closed": harmless). gdbsx does
+    not pass gdb's Ctrl-C on: while the guest runs under `continue`, stop it
+    with `xl pause N` in dom0.
     """
     from pvlab import debug as debug_mod
 
