@@ -9,32 +9,13 @@ timed from `xl create -c` alone. Prints both times and their ratio (goal: at mos
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from _timing import time_until
+
 from pvlab import domain, instance_types, sample, settings as settings_mod
-from pvlab.settings import PROJECT_ROOT
 from pvlab.vm import Dom0
-
-
-def time_until_marker(argv: list[str], timeout: float = 600) -> float:
-    """Seconds from starting argv until the user-data end marker is printed."""
-    started = time.monotonic()
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    ) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            if sample.END_MARKER.encode() in raw:
-                elapsed = time.monotonic() - started
-                proc.wait(timeout=timeout)
-                return elapsed
-            if time.monotonic() - started > timeout:
-                break
-        proc.kill()
-    raise SystemExit(f"no user-data marker within {timeout:.0f} s from {argv[:3]}")
 
 
 def main() -> None:
@@ -43,10 +24,10 @@ def main() -> None:
     guests = domain.Guests(dom0, s)
     image = sample.build_sample_image(Path(s.cache_dir) / "images")
 
-    pvlab_seconds = time_until_marker([
+    pvlab_seconds = time_until([
         sys.executable, "-m", "invoke", "boot", "--image", str(image),
         "--name", "bench-pvlab", "--memory", "256", "--instance-type", "t1.micro",
-    ])
+    ], sample.END_MARKER)
 
     mac = "00:16:3e:be:0c:01"
     spec = domain.GuestSpec(
@@ -57,9 +38,9 @@ def main() -> None:
     guests.destroy(spec.name)
     guests.prepare(spec, progress=lambda message: None)
     try:
-        bare_seconds = time_until_marker(dom0.ssh_argv(
+        bare_seconds = time_until(dom0.ssh_argv(
             f"sudo xl create -c {shlex.quote(spec.config_path)}", tty=True
-        ))
+        ), sample.END_MARKER)
     finally:
         guests.destroy(spec.name)
 
@@ -69,5 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(PROJECT_ROOT / "src"))
     main()

@@ -31,3 +31,16 @@ def test_hotplug_script_refuses_a_hostile_vif_name(host):
     assert result.rc != 0
     assert not host.file("/tmp/pwned").exists
     assert host.check_output("iptables -w -t nat -S PREROUTING") == before
+
+
+def test_metadata_service_comes_back_after_being_killed(host, pvlab_settings):
+    before = host.check_output("systemctl show -p MainPID --value pvlab-imds")
+    host.run_expect([0], "systemctl kill --signal=KILL pvlab-imds")
+    # Restart=always with RestartSec=1: bounded wait, it must be back in seconds.
+    result = host.run(
+        "for i in $(seq 1 30); do pid=$(systemctl show -p MainPID --value pvlab-imds);"
+        f" if [ \"$pid\" != 0 ] && [ \"$pid\" != {before} ] &&"
+        f" ss -ltn | grep -q '{pvlab_settings.bridge_address}:{pvlab_settings.imds_port} ';"
+        " then exit 0; fi; sleep 1; done; exit 1"
+    )
+    assert result.rc == 0, "pvlab-imds did not come back within 30 s"
