@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pvlab import sample
 from pvlab.settings import PROJECT_ROOT
+from helpers import invoke
 
 
 @pytest.fixture(scope="session")
@@ -19,14 +18,6 @@ def sample_image(pvlab_settings):
     return sample.build_sample_image(Path(pvlab_settings.cache_dir) / "images")
 
 
-def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def printed_user_data(console: str) -> str:

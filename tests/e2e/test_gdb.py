@@ -3,46 +3,25 @@ instruction and at a breakpoint, and a Debian kernel attached while it runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pvlab import image, sample
-from pvlab.settings import PROJECT_ROOT
+from helpers import invoke, pvkernel
 
-PVKERNEL = PROJECT_ROOT / "tests/fixtures/pvkernel"
 XENCTX = "/usr/lib/xen-4.17/bin/xenctx"
 PVTEST_GUEST = "gdbt-entry"
 DEBIAN_GUEST = "gdbt-debian"
 GUEST_ARGS = ("--memory", "256", "--instance-type", "t1.micro")
 
 
-def _load_pvkernel_build():
-    spec = importlib.util.spec_from_file_location(
-        "pvkernel_build", PVKERNEL / "build.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-pvkernel = _load_pvkernel_build()
-
-
-def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def output(result: subprocess.CompletedProcess) -> str:

@@ -5,7 +5,6 @@ against stand-ins for xenctx and xl) and the Xen core conversion read by gdb."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -19,23 +18,13 @@ import pytest
 
 from pvlab import debug, image
 from pvlab.errors import ImageError
+from helpers import pvkernel
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-PVKERNEL = REPO / "tests/fixtures/pvkernel"
 
 
-def _load_pvkernel_build():
-    spec = importlib.util.spec_from_file_location(
-        "pvkernel_build", PVKERNEL / "build.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pvkernel = _load_pvkernel_build()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ debugging user relies on before anything boots in dom0."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import re
@@ -20,9 +19,9 @@ from elftools.elf.enums import ENUM_NOTE_N_TYPE
 
 from pvlab import xen_debug
 from pvlab.errors import HostError, SettingsError
+from helpers import PVKERNEL, pvkernel
 
 REPO = Path(__file__).resolve().parents[2]
-PVKERNEL = REPO / "tests/fixtures/pvkernel"
 ROLE_DIR = REPO / "roles"
 GRUB_LIB = Path("/usr/share/grub/grub-mkconfig_lib")
 VERSION = "4.17.5+72-g01140da4e8-1"
@@ -30,16 +29,6 @@ VERSION = "4.17.5+72-g01140da4e8-1"
 unit = pytest.mark.unit
 
 
-def _load_pvkernel_build():
-    spec = importlib.util.spec_from_file_location(
-        "pvkernel_build", PVKERNEL / "build.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pvkernel = _load_pvkernel_build()
 
 XEN_NOTES = {
     "GUEST_OS": 6,
