@@ -398,11 +398,14 @@ def metadata(
             print(_format_request(line))
     elif clear_events:
         print(guests.imds("event", name, "--clear"), end="")
+        progress(f"{name}: events withdrawn")
     elif spot_interruption:
         print(guests.imds("event", name, "--spot-interruption", spot_interruption),
               end="")
+        progress(f"{name}: spot/instance-action now announces {spot_interruption}")
     else:
         print(guests.imds("event", name, "--scheduled-event", scheduled_event), end="")
+        progress(f"{name}: events/maintenance/scheduled now lists {scheduled_event}")
 
 
 def _format_request(line: str) -> str:
