@@ -17,6 +17,8 @@ def pytest_collection_modifyitems(config, items):
         for tier in tiers:
             if f"/tests/{tier}/" in str(item.fspath):
                 item.add_marker(getattr(pytest.mark, tier))
+    # Tests that reboot dom0 go last, so nothing else runs across a reboot.
+    items.sort(key=lambda item: item.get_closest_marker("reboots_dom0") is not None)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+from pvlab import image, sample
 from pvlab.settings import PROJECT_ROOT
 
 PVKERNEL = PROJECT_ROOT / "tests" / "fixtures" / "pvkernel"
@@ -31,3 +34,30 @@ def _load_pvkernel_build():
 
 
 pvkernel = _load_pvkernel_build()
+
+
+def held_sample_volume(settings, out: Path) -> tuple[Path, Path]:
+    """A copy of the sample volume booting with pvlab.hold=1 (the guest stays up
+    and asks the IMDS for its instance-id every 10 s), and its kernel file."""
+    built = sample.build_sample_image(Path(settings.cache_dir) / "images")
+    volume = out / "held.img"
+    shutil.copyfile(built, volume)
+    menu = out / "menu.lst"
+    command_line = f"{sample.KERNEL_COMMAND_LINE} {sample.HOLD_OPTION}"
+    menu.write_text(sample.menu_lst("hd0", command_line))
+    script = out / "edit.cmd"
+    script.write_text(
+        f'rm /boot/grub/menu.lst\ncd /boot/grub\nwrite "{menu}" menu.lst\n'
+    )
+    subprocess.run(
+        ["debugfs", "-w", "-f", str(script), str(volume)],
+        check=True,
+        capture_output=True,
+    )
+    program = out / "program.bin"
+    program.write_bytes(image.BootVolume(volume).read_file("/boot/program.bin"))
+    assert (
+        sample.HOLD_OPTION
+        in image.BootVolume(volume).read_file("/boot/grub/menu.lst").decode()
+    )
+    return volume, program

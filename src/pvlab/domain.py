@@ -178,6 +178,11 @@ class Guests:
 
     def list(self) -> list[dict]:
         result = self.dom0.run("xl list", check=False)
+        if result.returncode == 127:
+            raise DomainError(
+                "dom0 has no Xen tools yet (`xl` not found): the VM is not "
+                "provisioned; run `invoke provision`."
+            )
         domains = []
         for line in result.stdout.splitlines()[1:]:
             parts = line.split()
@@ -347,7 +352,10 @@ class Guests:
                     sink.write(line)
                     sink.flush()
                     print(line.decode(errors="replace"), end="", flush=True)
-                return proc.wait()
+                code = proc.wait()
+                if code == 255:
+                    raise self.dom0.lost(f"streaming {name}'s console")
+                return code
             finally:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)

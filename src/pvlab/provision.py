@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvlab import box, host
-from pvlab.errors import VmError
+from pvlab.errors import HostError, SettingsError, VmError
 from pvlab.settings import PROJECT_ROOT, Settings
 from pvlab.vm import Dom0
 
@@ -84,6 +85,33 @@ def extra_vars(settings: Settings, progress=log.info) -> dict:
     }
 
 
+def check_provider(settings: Settings) -> None:
+    """Refuse a provider or box this host lacks, before anything is created."""
+    if settings.provider == "virtualbox" and not shutil.which("VBoxManage"):
+        raise HostError(
+            "provider is virtualbox but VirtualBox is not installed (no VBoxManage "
+            "on PATH); install it, or set provider: libvirt."
+        )
+    if settings.provider == "virtualbox" and settings.box_build:
+        raise SettingsError(
+            "the box pvlab builds is a libvirt box; with provider virtualbox set "
+            "box_build: false and box_name to a Debian 12 VirtualBox box you added "
+            "with `vagrant box add`."
+        )
+    if not settings.box_build and not box_added(settings.box_name, settings.provider):
+        raise SettingsError(
+            f"box {settings.box_name} for {settings.provider} is not added to "
+            "Vagrant and box_build is off; add it with `vagrant box add`, or set "
+            "box_build: true to have pvlab build it."
+        )
+
+
+def box_added(name: str, provider: str) -> bool:
+    """Whether Vagrant has a box of this name for this provider, any version."""
+    boxes = box.vagrant_box_dir(name, provider).parents[1]
+    return any(path.is_dir() for path in boxes.glob(f"*/{provider}"))
+
+
 def ensure_box(settings: Settings, progress=log.info) -> None:
     if not settings.box_build:
         return
@@ -140,6 +168,7 @@ def _ansible_playbook() -> str:
 
 def provision(settings: Settings, progress=log.info) -> Recap:
     started = time.monotonic()
+    check_provider(settings)
     progress("checking the host")
     host.prepare(settings, progress)
     accel = host.detect_accel(settings.accel)

@@ -248,6 +248,7 @@ def boot_image(
     from pvlab import instance_types
 
     domain.validate_name(name)
+    mac = domain.validate_mac(mac) if mac else None
     itype = instance_types.lookup(s.instance_type)
     data = domain.read_user_data(user_data, env, no_user_data)
     volume = image_mod.BootVolume(image)
@@ -263,7 +264,7 @@ def boot_image(
         )
     guests = _guests(s)
     guests.prune()
-    mac = domain.validate_mac(mac) if mac else _unused_mac(guests, s)
+    mac = mac or _unused_mac(guests, s)
     paused = paused or debug
     spec = domain.GuestSpec(
         name=name,
@@ -319,7 +320,19 @@ def boot_image(
     finally:
         debug_boot.discard()
         if not (paused and created) and not (keep and created):
-            guests.destroy(name)
+            _cleanup(guests, name, failing=sys.exc_info()[1] is not None)
+
+
+def _cleanup(guests, name: str, failing: bool) -> None:
+    """Destroy a guest on the way out; a lost dom0 must not hide the first error."""
+    from pvlab.errors import VmError
+
+    try:
+        guests.destroy(name)
+    except VmError as exc:
+        if not failing:
+            raise
+        log.warning("could not destroy %s: %s", name, exc)
 
 
 def _unused_mac(guests, s) -> str:

@@ -110,6 +110,34 @@ class Dom0:
                 f"is in {self.settings.serial_log})."
             ) from None
 
+    def reload(self) -> None:
+        """Reboot the VM through Vagrant (halt, then up), without provisioning."""
+        self.write_vagrant_settings()
+        env = dict(
+            os.environ,
+            PVLAB_VAGRANT_SETTINGS=str(self.vagrant_settings_file),
+            VAGRANT_NO_COLOR="1",
+        )
+        argv = ["vagrant", "reload", MACHINE, "--no-provision"]
+        self.ssh_config_file.unlink(missing_ok=True)
+        if stream(argv, cwd=self.root, env=env) != 0:
+            raise VmError(
+                "`vagrant reload` failed (see its output above; the VM's serial "
+                f"console is in {self.settings.serial_log})."
+            )
+
+    def lost(self, what: str) -> VmError:
+        """The error for an SSH session into dom0 that ended with its connection."""
+        state = self.status()
+        cause = (
+            "the VM runs but stopped answering over SSH"
+            if state == "running"
+            else f"the VM is {state.replace('_', ' ')}"
+        )
+        return VmError(
+            f"lost dom0 while {what}: {cause}; `invoke provision` starts it again."
+        )
+
     def halt(self) -> None:
         self._vagrant(quiet=False).halt(vm_name=MACHINE)
         self.ssh_config_file.unlink(missing_ok=True)
@@ -145,6 +173,9 @@ class Dom0:
             "ssh", "-F", str(self.ssh_config()), "-o", "LogLevel=ERROR",
             "-o", "ControlMaster=auto", "-o", "ControlPersist=60",
             "-o", f"ControlPath={self.state_dir / 'ssh-%C'}",
+            # A VM that halts or hangs under a task ends the task within about
+            # 30 s instead of leaving it waiting on a dead TCP connection.
+            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6",
         ]
         argv += ["-tt"] if tty else ["-T"]
         return [*argv, "dom0", command]
@@ -168,10 +199,7 @@ class Dom0:
             timeout=timeout,
         )
         if result.returncode == 255:
-            raise VmError(
-                "dom0 cannot be reached over SSH; is the VM running? "
-                "(`invoke provision` starts it)."
-            )
+            raise self.lost(f"running `{command}`")
         if check and result.returncode != 0:
             stderr = result.stderr
             if isinstance(stderr, bytes):
@@ -182,7 +210,10 @@ class Dom0:
 
     def stream_command(self, command: str) -> int:
         """Run a command in dom0 as root with its output streamed to the terminal."""
-        return stream(self.ssh_argv(f"sudo sh -c {shlex.quote(command)}"))
+        code = stream(self.ssh_argv(f"sudo sh -c {shlex.quote(command)}"))
+        if code == 255:
+            raise self.lost(f"running `{command}`")
+        return code
 
     def copy_to(self, local: Path, remote: str) -> None:
         """Copy a file into dom0 (as root), streaming it through SSH."""

@@ -4,24 +4,17 @@ instruction and at a breakpoint, and a Debian kernel attached while it runs."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from pvlab import image, sample
-from helpers import invoke, pvkernel
+from helpers import held_sample_volume, invoke, pvkernel
 
 XENCTX = "/usr/lib/xen-4.17/bin/xenctx"
 PVTEST_GUEST = "gdbt-entry"
 DEBIAN_GUEST = "gdbt-debian"
 GUEST_ARGS = ("--memory", "256", "--instance-type", "t1.micro")
-
-
-
-
 
 
 def output(result: subprocess.CompletedProcess) -> str:
@@ -153,29 +146,7 @@ def _without_build_id(elf: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def held_sample(pvlab_settings, tmp_path_factory):
     """The sample volume with pvlab.hold=1, so the guest stays up, and its kernel."""
-    built = sample.build_sample_image(Path(pvlab_settings.cache_dir) / "images")
-    out = tmp_path_factory.mktemp("debian")
-    volume = out / "held.img"
-    shutil.copyfile(built, volume)
-    menu = out / "menu.lst"
-    command_line = f"{sample.KERNEL_COMMAND_LINE} {sample.HOLD_OPTION}"
-    menu.write_text(sample.menu_lst("hd0", command_line))
-    script = out / "edit.cmd"
-    script.write_text(
-        f'rm /boot/grub/menu.lst\ncd /boot/grub\nwrite "{menu}" menu.lst\n'
-    )
-    subprocess.run(
-        ["debugfs", "-w", "-f", str(script), str(volume)],
-        check=True,
-        capture_output=True,
-    )
-    program = out / "program.bin"
-    program.write_bytes(image.BootVolume(volume).read_file("/boot/program.bin"))
-    assert (
-        sample.HOLD_OPTION
-        in image.BootVolume(volume).read_file("/boot/grub/menu.lst").decode()
-    )
-    return volume, program
+    return held_sample_volume(pvlab_settings, tmp_path_factory.mktemp("debian"))
 
 
 def wait_in_linux(host, name: str, timeout: float = 300) -> None:

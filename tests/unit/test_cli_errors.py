@@ -6,6 +6,8 @@ created.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +62,8 @@ def test_missing_or_wrong_arguments_are_one_sentence(args, fragment):
     (["--env", "A=1", "--env", "A=2"], "given twice"),
     (["--user-data", "/nonexistent/ud.json"], "cannot be read"),
     (["--memory", "lots"], "--memory must be a number"),
+    (["--mac", "00:16:3e:zz:00:01"], "is malformed"),
+    (["--mac", "01:00:5e:00:00:01"], "multicast"),
 ])
 def test_bad_boot_options_are_refused_before_anything_is_created(volume, extra, fragment):
     assert_one_sentence(invoke("boot", "--image", str(volume), *extra), fragment)
@@ -83,7 +87,34 @@ def test_empty_volume_is_not_a_filesystem(tmp_path):
 
 
 def test_unknown_setting_in_the_environment_is_one_sentence():
-    import os
-
     env = dict(os.environ, PVLAB_BOGUS_KNOB="1")
     assert_one_sentence(invoke("settings", env=env), "PVLAB_BOGUS_KNOB names no setting")
+
+
+def test_public_network_without_a_host_interface_is_one_sentence():
+    env = dict(os.environ, PVLAB_PUBLIC_NETWORK="yes")
+    assert_one_sentence(invoke("settings", env=env), "public_network_interface")
+
+
+@pytest.mark.skipif(shutil.which("VBoxManage") is not None, reason="VirtualBox is here")
+def test_virtualbox_provider_without_virtualbox_is_refused_before_anything():
+    env = dict(os.environ, PVLAB_PROVIDER="virtualbox", PVLAB_BOX_BUILD="no",
+               PVLAB_BOX_NAME="pvlab/debian12")
+    vagrant_dir = PROJECT_ROOT / ".vagrant" / "machines"
+    before = sorted(vagrant_dir.rglob("*")) if vagrant_dir.exists() else []
+
+    result = invoke("provision", env=env)
+
+    assert_one_sentence(result, "VirtualBox is not installed")
+    after = sorted(vagrant_dir.rglob("*")) if vagrant_dir.exists() else []
+    assert after == before
+
+
+def test_missing_box_with_box_build_off_is_refused_before_anything(tmp_path):
+    env = dict(os.environ, PVLAB_BOX_BUILD="no", PVLAB_BOX_NAME="pvlab/absent",
+               VAGRANT_HOME=str(tmp_path / "vagrant.d"))
+
+    result = invoke("provision", env=env)
+
+    assert_one_sentence(result, "box pvlab/absent for libvirt is not added")
+    assert not (tmp_path / "vagrant.d").exists()

@@ -114,3 +114,25 @@ def test_instance_types_size_guests_and_refuse_hvm_only():
         instance_types.lookup("t2.micro")
     with pytest.raises(SettingsError, match="unknown instance type"):
         instance_types.lookup("z9.huge")
+
+
+class FakeDom0:
+    """Answers every command with one exit status, as an unprovisioned VM would."""
+
+    def __init__(self, returncode: int, stdout: str = "") -> None:
+        self.returncode = returncode
+        self.stdout = stdout
+
+    def run(self, command, **kwargs):
+        import subprocess
+
+        return subprocess.CompletedProcess(command, self.returncode, self.stdout, "")
+
+
+def test_a_dom0_without_xen_tools_is_reported_as_not_provisioned():
+    from pvlab import settings
+
+    guests = domain.Guests(FakeDom0(127), settings.Settings())
+
+    with pytest.raises(DomainError, match="not provisioned; run `invoke provision`"):
+        guests.list()

@@ -17,3 +17,21 @@ def test_management_network_is_isolated_and_in_the_test_range(tmp_path):
     assert "<forward" not in xml
     assert "address='198.18.0.1'" in xml
     assert "<name>pvlab-mgmt</name>" in xml
+
+
+def test_libvirt_that_cannot_be_started_is_one_sentence(monkeypatch):
+    import itertools
+
+    import pytest
+
+    from pvlab.errors import HostError
+
+    clock = itertools.count(0, 10)
+    monkeypatch.setattr(host, "_libvirt_answers", lambda: False)
+    monkeypatch.setattr(host, "systemd_is_init", lambda: False)
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(host.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(host.time, "sleep", lambda seconds: None)
+
+    with pytest.raises(HostError, match="libvirtd is not running and could not be"):
+        host.ensure_libvirt(lambda message: None)

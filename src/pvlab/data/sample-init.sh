@@ -6,7 +6,8 @@
 #
 # Kernel command line options it reads:
 #   @IMDS_OPTION@=HOST[:PORT]  where the IMDS listens (169.254.169.254:80)
-#   @HOLD_OPTION@            keep running after the fetch, no power-off
+#   @HOLD_OPTION@            keep running after the fetch, no power-off, and ask
+#                            for instance-id every 10 s
 #
 # Module names to load, in dependency order, are in /etc/pvlab/modules; the
 # modules themselves are /lib/modules/NAME.ko. Every line it prints itself
@@ -174,9 +175,12 @@ else
 fi
 
 if [ "$hold" = 1 ]; then
-    say "holding (@HOLD_OPTION@); not powering off"
+    # The IMDS request log then shows, every 10 s, that this guest's DNAT and
+    # registration still work (e.g. after another guest was destroyed).
+    say "holding (@HOLD_OPTION@); not powering off, asking for instance-id every 10 s"
     while true; do
-        sleep 3600
+        sleep 10
+        [ -n "$nic" ] && imds_request GET /latest/meta-data/instance-id ""
     done
 fi
 
