@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from pvlab import box, host
@@ -61,8 +62,6 @@ def debug_xen(settings: Settings, progress=log.info):
 
 
 def extra_vars(settings: Settings, progress=log.info) -> dict:
-    import ipaddress
-
     mirror, security = mirrors(settings)
     bridge = ipaddress.ip_network(settings.bridge_network)
     debug = debug_xen(settings, progress)
@@ -126,11 +125,25 @@ def ensure_box(settings: Settings, progress=log.info) -> None:
 
 
 def run_playbook(
-    dom0: Dom0, settings: Settings, playbook: Path = PLAYBOOK, progress=log.info
+    dom0: Dom0 | None,
+    settings: Settings,
+    playbook: Path = PLAYBOOK,
+    progress=log.info,
+    *,
+    inventory: Path | None = None,
+    apt_proxy: bool = True,
 ) -> Recap:
-    inventory = dom0.ansible_inventory()
-    vars_file = dom0.state_dir / "pvlab-ansible.json"
-    vars_file.write_text(json.dumps(extra_vars(settings, progress), indent=2))
+    """Apply the playbook to the Vagrant VM, or to the hosts of an inventory."""
+    if inventory is None:
+        assert dom0 is not None
+        inventory = dom0.ansible_inventory()
+    state_dir = PROJECT_ROOT / ".vagrant"
+    state_dir.mkdir(exist_ok=True)
+    vars_file = state_dir / "pvlab-ansible.json"
+    variables = extra_vars(settings, progress)
+    if not apt_proxy:
+        variables["apt_source_proxy"] = ""
+    vars_file.write_text(json.dumps(variables, indent=2))
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(PROJECT_ROOT / "ansible.cfg"),
@@ -149,7 +162,11 @@ def run_playbook(
             print(line, end="", flush=True)
             match = RECAP_RE.match(line.strip())
             if match:
-                recap = Recap(*(int(g) for g in match.groups()[1:]))
+                # One recap line per host: the play's recap is their sum.
+                counts = [int(g) for g in match.groups()[1:]]
+                if recap is not None:
+                    counts = [a + b for a, b in zip(counts, astuple(recap))]
+                recap = Recap(*counts)
         code = proc.wait()
     if code != 0 or recap is None or recap.failed or recap.unreachable:
         raise VmError(
@@ -164,6 +181,38 @@ def _ansible_playbook() -> str:
     # other on PATH.
     beside = Path(sys.executable).parent / "ansible-playbook"
     return str(beside) if beside.exists() else "ansible-playbook"
+
+
+def provision_inventory(
+    settings: Settings, path: Path, progress=log.info
+) -> Recap:
+    """The same roles on existing Xen hosts over SSH; never on this machine."""
+    from pvlab import inventory
+
+    started = time.monotonic()
+    hosts = inventory.read(path)
+    inventory.refuse_this_machine(hosts)
+    # The apt cache listens on the VM network only: hosts elsewhere use their own.
+    mgmt = ipaddress.ip_network(settings.mgmt_network)
+    on_vm_network = all(
+        _address_in(h.address, mgmt) for h in hosts.values()
+    )
+    progress(f"applying the Ansible roles to {', '.join(sorted(hosts))} from {path}")
+    recap = run_playbook(
+        None, settings, progress=progress, inventory=path, apt_proxy=on_vm_network
+    )
+    progress(
+        f"{len(hosts)} Xen host(s) provisioned: {recap.ok} ok, {recap.changed} "
+        f"changed ({time.monotonic() - started:.0f} s)"
+    )
+    return recap
+
+
+def _address_in(address: str, network: ipaddress.IPv4Network) -> bool:
+    try:
+        return ipaddress.ip_address(address) in network
+    except ValueError:
+        return False
 
 
 def provision(settings: Settings, progress=log.info) -> Recap:

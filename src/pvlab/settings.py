@@ -55,6 +55,9 @@ class Settings:
     instance_type: str = "m1.small"
     guest_memory: int = 0
     region: str = "us-east-1"
+    # Existing Xen hosts (an Ansible inventory with a [xen_hosts] group) for
+    # `invoke provision --inventory` and `--host NAME`; empty: the Vagrant VM only.
+    inventory: str = ""
     cache_dir: Path = field(default_factory=_default_cache_dir)
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 

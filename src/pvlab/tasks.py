@@ -62,10 +62,27 @@ def _settings(**overrides):
     return settings_mod.load(overrides=overrides)
 
 
-def _dom0(s):
+def _dom0(s, host: str | None = None, inventory: str | None = None):
+    """The Vagrant VM, or with --host the inventory's Xen host of that name."""
     from pvlab.vm import Dom0
 
-    return Dom0(s)
+    if not host:
+        return Dom0(s)
+    from pvlab import inventory as inventory_mod
+
+    path = inventory or s.inventory
+    if not path:
+        raise PvlabError(
+            f"--host {host} needs an inventory: give --inventory FILE or set "
+            "inventory in pvlab.yml."
+        )
+    return inventory_mod.dom0_for(s, Path(path), host)
+
+
+HOST_HELP = {
+    "host": "Use this Xen host of the inventory instead of the Vagrant VM.",
+    "inventory": "Ansible inventory with a [xen_hosts] group (setting inventory).",
+}
 
 
 @pvtask(help={"verbose": "Show every command run."})
@@ -94,14 +111,19 @@ def box(c, verbose=False):
     help={
         "memory": "Memory of the dom0 VM in MiB (setting vm_memory).",
         "cpus": "vCPUs of the dom0 VM (setting vm_cpus).",
+        "inventory": "Apply the roles to the [xen_hosts] of this Ansible inventory "
+        "over SSH instead of the Vagrant VM (never this machine itself).",
         "verbose": "Show every command run.",
     }
 )
-def provision(c, memory=None, cpus=None, verbose=False):
+def provision(c, memory=None, cpus=None, inventory=None, verbose=False):
     """Create or update the Xen dom0 VM: host check, box, vagrant up, Ansible roles."""
     from pvlab import provision as prov
 
     s = _settings(vm_memory=memory, vm_cpus=cpus)
+    if inventory:
+        prov.provision_inventory(s, Path(inventory), progress)
+        return
     prov.provision(s, progress)
 
 
@@ -132,8 +154,8 @@ def _check_image(image: Path, variant: str, flavor: str) -> list:
     return findings
 
 
-def _guests(s):
-    return domain.Guests(_dom0(s), s)
+def _guests(s, host: str | None = None, inventory: str | None = None):
+    return domain.Guests(_dom0(s, host, inventory), s)
 
 
 @pvtask(
@@ -158,6 +180,7 @@ def _guests(s):
         "to spin, so gdb can stop the kernel at its first instruction; needs an "
         "ELF (or gzip'd ELF) kernel.",
         "keep": "Keep the guest when the console is interrupted.",
+        **HOST_HELP,
         "verbose": "Show every command run.",
     },
     iterable=["env"],
@@ -178,6 +201,8 @@ def boot(
     paused=False,
     debug=False,
     keep=False,
+    host=None,
+    inventory=None,
     verbose=False,
 ):
     """Boot an AWS-style boot volume under PV-GRUB in dom0 and stream its console."""
@@ -221,6 +246,7 @@ def boot(
         paused=paused,
         debug=debug,
         keep=keep,
+        dom0=_dom0(s, host, inventory),
     )
     if code:
         raise Exit(code=code)
@@ -242,6 +268,7 @@ def boot_image(
     paused: bool = False,
     debug: bool = False,
     keep: bool = False,
+    dom0=None,
 ) -> int:
     from pvlab import debug as debug_mod
     from pvlab import image as image_mod
@@ -262,7 +289,7 @@ def boot_image(
             f"({len(errors)} errors above); fix it, or pass --force to boot it "
             "anyway and watch it fail as on EC2."
         )
-    guests = _guests(s)
+    guests = domain.Guests(dom0 or _dom0(s), s)
     guests.prune()
     mac = mac or _unused_mac(guests, s)
     paused = paused or debug
@@ -346,14 +373,15 @@ def _unused_mac(guests, s) -> str:
     raise PvlabError("no free guest address left on the bridge; destroy some guests.")
 
 
-@pvtask(help={"name": "Guest to destroy.", "verbose": "Show every command run."})
-def destroy(c, name=None, verbose=False):
+@pvtask(help={"name": "Guest to destroy.", **HOST_HELP,
+              "verbose": "Show every command run."})
+def destroy(c, name=None, host=None, inventory=None, verbose=False):
     """Destroy a guest and remove its DNAT rule, metadata and files from dom0."""
     if not name:
         raise PvlabError("name the guest to destroy with --name NAME (see `invoke list`).")
     s = _settings()
     domain.validate_name(name)
-    ran = _guests(s).destroy(name)
+    ran = _guests(s, host, inventory).destroy(name)
     progress(f"{name} destroyed" if ran else f"{name} was not running; leftovers removed")
 
 
@@ -534,11 +562,11 @@ def core(c, name=None, output=None, verbose=False):
              "--program PROGRAM`")
 
 
-@pvtask(name="list", help={"verbose": "Show every command run."})
-def list_(c, verbose=False):
+@pvtask(name="list", help={**HOST_HELP, "verbose": "Show every command run."})
+def list_(c, host=None, inventory=None, verbose=False):
     """List the guest domains running in dom0."""
     s = _settings()
-    domains = _guests(s).list()
+    domains = _guests(s, host, inventory).list()
     if not domains:
         print("no guests running")
     for d in domains:

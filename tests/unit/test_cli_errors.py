@@ -118,3 +118,30 @@ def test_missing_box_with_box_build_off_is_refused_before_anything(tmp_path):
 
     assert_one_sentence(result, "box pvlab/absent for libvirt is not added")
     assert not (tmp_path / "vagrant.d").exists()
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("lab ansible_host=127.0.0.1", "is this machine"),
+    ("lab ansible_connection=local", "local connection"),
+    ("lab ansible_host=localhost", "is this machine"),
+])
+def test_an_inventory_naming_this_machine_is_refused(tmp_path, line, fragment):
+    path = tmp_path / "lab.ini"
+    path.write_text(f"[xen_hosts]\n{line}\n")
+
+    assert_one_sentence(invoke("provision", "--inventory", str(path)), fragment)
+
+
+def test_an_inventory_without_xen_hosts_is_refused(tmp_path):
+    path = tmp_path / "lab.ini"
+    path.write_text("[web]\nweb1 ansible_host=198.18.9.9\n")
+
+    assert_one_sentence(
+        invoke("provision", "--inventory", str(path)), "no hosts in a [xen_hosts]"
+    )
+
+
+def test_host_without_an_inventory_is_one_sentence(volume):
+    assert_one_sentence(
+        invoke("list", "--host", "lab"), "needs an inventory"
+    )
