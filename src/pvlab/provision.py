@@ -218,6 +218,12 @@ def _address_in(address: str, network: ipaddress.IPv4Network) -> bool:
 def provision(settings: Settings, progress=log.info) -> Recap:
     started = time.monotonic()
     check_provider(settings)
+    if settings.public_network:
+        log.warning(
+            "public_network is on: the dom0 VM joins the network of host interface "
+            "%s and its SSH, IMDS and guests are reachable from it.",
+            settings.public_network_interface,
+        )
     progress("checking the host")
     host.prepare(settings, progress)
     accel = host.detect_accel(settings.accel)
