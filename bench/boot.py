@@ -14,7 +14,8 @@ from pathlib import Path
 
 from _timing import time_until
 
-from pvlab import domain, instance_types, sample, settings as settings_mod
+from pvlab import domain, instance_types, sample
+from pvlab import settings as settings_mod
 from pvlab.vm import Dom0
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from pvlab import domain, settings as settings_mod
+from pvlab import domain
+from pvlab import settings as settings_mod
 from pvlab.errors import ImageError, PvlabError
 from pvlab.settings import PROJECT_ROOT
 

@@ -10,6 +10,7 @@ import pytest
 
 from pvlab import sample
 from pvlab.settings import PROJECT_ROOT
+
 from helpers import invoke
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pvlab import image, sample
+
 from helpers import invoke, pvkernel
 
 XENCTX = "/usr/lib/xen-4.17/bin/xenctx"
