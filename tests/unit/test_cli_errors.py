@@ -32,7 +32,9 @@ def volume(tmp_path_factory):
 def assert_one_sentence(result, fragment):
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr
-    errors = [l for l in result.stderr.splitlines() if l.startswith("pvlab: error:")]
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("pvlab: error:")
+    ]
     assert len(errors) == 1, result.stderr
     assert fragment in errors[0]
     assert errors[0].rstrip().endswith(".")
