@@ -63,7 +63,9 @@ def test_missing_or_wrong_arguments_are_one_sentence(args, fragment):
     (["--user-data", "/nonexistent/ud.json"], "cannot be read"),
     (["--memory", "lots"], "--memory must be a number"),
 ])
-def test_bad_boot_options_are_refused_before_anything_is_created(volume, extra, fragment):
+def test_bad_boot_options_are_refused_before_anything_is_created(
+    volume, extra, fragment
+):
     assert_one_sentence(invoke("boot", "--image", str(volume), *extra), fragment)
 
 
@@ -88,4 +90,6 @@ def test_unknown_setting_in_the_environment_is_one_sentence():
     import os
 
     env = dict(os.environ, PVLAB_BOGUS_KNOB="1")
-    assert_one_sentence(invoke("settings", env=env), "PVLAB_BOGUS_KNOB names no setting")
+    assert_one_sentence(
+        invoke("settings", env=env), "PVLAB_BOGUS_KNOB names no setting"
+    )
