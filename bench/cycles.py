@@ -13,7 +13,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from pvlab import cycles, sample, settings as settings_mod
+from pvlab import cycles, sample
+from pvlab import settings as settings_mod
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What `invoke gdb --wait-for-kernel` costs: time to the first stop at the kernel entry.
+"""What `invoke gdb --wait-for-kernel` costs: time to first stop at the kernel entry.
 
 Boots the repository's PV test kernel twice in the same dom0: once with
 `invoke boot --debug` + `invoke gdb --batch` (timed until gdbsx holds the guest at

@@ -27,7 +27,9 @@ def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 def _load_pvkernel_build():
     # The fixture's builder is a script beside its sources, not a package.
-    spec = importlib.util.spec_from_file_location("pvkernel_build", PVKERNEL / "build.py")
+    spec = importlib.util.spec_from_file_location(
+        "pvkernel_build", PVKERNEL / "build.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""Create-and-destroy cycles of guests, to show that a guest's life leaves nothing behind.
+"""Guests created and destroyed in a loop, to show a guest's life leaves nothing behind.
 
 A cycle creates a guest paused (the whole `invoke boot --paused` path: copy,
 xl config, IMDS and DHCP registrations, `xl create -p`, vif hotplug and DNAT),
@@ -30,7 +30,9 @@ class CycleRun:
         return self.after.leaks_since(self.before) if self.after else []
 
 
-def one_cycle(settings: Settings, guests: domain.Guests, image: Path, name: str) -> None:
+def one_cycle(
+    settings: Settings, guests: domain.Guests, image: Path, name: str
+) -> None:
     from pvlab.tasks import boot_image
 
     boot_image(

@@ -637,7 +637,9 @@ class Program:
                 "boots (program.bin of its boot volume) with --program."
             ) from None
         except OSError as error:
-            raise DebugError(f"program file {path} cannot be read ({error.strerror}).")
+            raise DebugError(
+                f"program file {path} cannot be read ({error.strerror})."
+            ) from None
         elf = elf_image(data)
         if elf is None:
             raise DebugError(

@@ -1,4 +1,4 @@
-"""Guest domains in dom0: render the xl config, register the guest, create, watch, destroy.
+"""Guest domains in dom0: render the xl config, register, create, watch, destroy.
 
 A guest's files live in dom0 under /var/lib/pvlab/guests/<name>/; its IMDS and DHCP
 registrations are removed with it, so nothing of a destroyed guest remains.
@@ -56,7 +56,9 @@ def validate_mac(mac: str) -> str:
             "00:16:3e:12:34:56."
         )
     if int(mac[:2], 16) & 1:
-        raise DomainError(f"MAC address {mac} is a multicast address; use a unicast one.")
+        raise DomainError(
+            f"MAC address {mac} is a multicast address; use a unicast one."
+        )
     return mac
 
 
@@ -134,7 +136,9 @@ def render_xl_config(spec: GuestSpec) -> str:
     )
 
 
-def read_user_data(path: Path | None, env: list[str] | None, none: bool) -> bytes | None:
+def read_user_data(
+    path: Path | None, env: list[str] | None, none: bool
+) -> bytes | None:
     """User-data bytes as the guest will get them; None means EC2's 404."""
     if none:
         return None
@@ -197,7 +201,8 @@ class Guests:
         return domains
 
     def exists(self, name: str) -> bool:
-        return self.dom0.run(f"xl domid {shlex.quote(name)}", check=False).returncode == 0
+        result = self.dom0.run(f"xl domid {shlex.quote(name)}", check=False)
+        return result.returncode == 0
 
     def free_memory(self) -> int:
         out = self.dom0.run("xl info").stdout
@@ -318,7 +323,9 @@ class Guests:
         self.register(spec)
 
     def create_paused(self, spec: GuestSpec) -> None:
-        result = self.dom0.run(f"xl create -p {shlex.quote(spec.config_path)}", check=False)
+        result = self.dom0.run(
+            f"xl create -p {shlex.quote(spec.config_path)}", check=False
+        )
         if result.returncode != 0:
             reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
             raise DomainError(

@@ -1,4 +1,4 @@
-"""Exceptions for mistakes a user can make; each message is one sentence with the fix."""
+"""Exceptions for a user's mistakes; each message is one sentence with the fix."""
 
 
 class PvlabError(Exception):

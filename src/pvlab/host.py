@@ -201,7 +201,8 @@ class AptCache:
 
     @property
     def base(self) -> Path:
-        suffix = "" if self.settings.name_prefix == "pvlab" else f"-{self.settings.name_prefix}"
+        prefix = self.settings.name_prefix
+        suffix = "" if prefix == "pvlab" else f"-{prefix}"
         return Path(self.settings.cache_dir) / f"apt-cacher-ng{suffix}"
 
     @property
@@ -280,7 +281,7 @@ def cpu_has_hw_virt(cpuinfo: str) -> bool:
 
 
 def detect_accel(requested: str = "auto") -> str:
-    """'kvm' where the CPU offers hardware virtualisation and /dev/kvm works, else 'qemu'."""
+    """'kvm' if the CPU has hardware virtualisation and /dev/kvm works, else 'qemu'."""
     if requested != "auto":
         return requested
     try:

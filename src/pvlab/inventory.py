@@ -1,4 +1,4 @@
-"""Existing Xen hosts from an Ansible inventory, provisioned and used like the Vagrant VM.
+"""Existing Xen hosts from an Ansible inventory, provisioned and used like the VM.
 
 The inventory is read with `ansible-inventory` (the pinned ansible-core's own
 parser), so INI, YAML and plugin inventories all work. The roles rewrite a host's

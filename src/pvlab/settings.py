@@ -1,4 +1,4 @@
-"""One typed settings object, read from defaults, pvlab.yml, PVLAB_* variables and flags.
+"""One typed settings object read from defaults, pvlab.yml, PVLAB_* variables and flags.
 
 Each value remembers where it came from, so `invoke settings` can say why it is set.
 """
@@ -152,8 +152,8 @@ def _validate(settings: Settings) -> None:
             )
     if not re.fullmatch(r"[a-z][a-z0-9]{1,9}", settings.name_prefix):
         raise SettingsError(
-            f"{settings.sources.get('name_prefix', 'default')}: name_prefix must be 2-10 "
-            f"lower-case letters or digits starting with a letter, not "
+            f"{settings.sources.get('name_prefix', 'default')}: name_prefix must be "
+            f"2-10 lower-case letters or digits starting with a letter, not "
             f"{settings.name_prefix!r}."
         )
     if settings.public_network and not settings.public_network_interface:
@@ -167,7 +167,8 @@ def _validate(settings: Settings) -> None:
     if settings.dom0_memory + 512 > settings.vm_memory:
         raise SettingsError(
             f"vm_memory ({settings.vm_memory} MiB) must exceed dom0_memory "
-            f"({settings.dom0_memory} MiB) by at least 512 MiB to leave room for guests."
+            f"({settings.dom0_memory} MiB) by at least 512 MiB to leave room for "
+            "guests."
         )
 
 

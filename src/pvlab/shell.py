@@ -1,4 +1,4 @@
-"""Running commands: every command is logged at DEBUG, failures raise with their stderr."""
+"""Running commands: each is logged at DEBUG, failures raise with their stderr."""
 
 from __future__ import annotations
 

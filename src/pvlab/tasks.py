@@ -16,7 +16,8 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from pvlab import domain, settings as settings_mod
+from pvlab import domain
+from pvlab import settings as settings_mod
 from pvlab.errors import ImageError, PvlabError
 from pvlab.settings import PROJECT_ROOT
 
@@ -87,7 +88,7 @@ HOST_HELP = {
 
 @pvtask(help={"verbose": "Show every command run."})
 def host(c, verbose=False):
-    """Check the host and set up what is missing: packages, libvirt, VM network, apt cache."""
+    """Check and set up the host: packages, libvirt daemons, VM network, apt cache."""
     from pvlab import host as host_mod
 
     s = _settings()
@@ -97,7 +98,7 @@ def host(c, verbose=False):
 
 @pvtask(help={"verbose": "Show every command run."})
 def box(c, verbose=False):
-    """Build the Debian 12 base box from Debian packages (cached) and add it to Vagrant."""
+    """Build the Debian 12 base box from Debian packages (cached); add it to Vagrant."""
     from pvlab import host as host_mod
     from pvlab import provision as prov
 
@@ -340,7 +341,9 @@ def boot_image(
         return 0
     except KeyboardInterrupt:
         if keep and created:
-            progress(f"interrupted; {name} keeps running (`invoke destroy --name {name}`)")
+            progress(
+                f"interrupted; {name} keeps running (`invoke destroy --name {name}`)"
+            )
             return 130
         progress(f"interrupted; destroying {name}")
         raise
@@ -378,11 +381,15 @@ def _unused_mac(guests, s) -> str:
 def destroy(c, name=None, host=None, inventory=None, verbose=False):
     """Destroy a guest and remove its DNAT rule, metadata and files from dom0."""
     if not name:
-        raise PvlabError("name the guest to destroy with --name NAME (see `invoke list`).")
+        raise PvlabError(
+            "name the guest to destroy with --name NAME (see `invoke list`)."
+        )
     s = _settings()
     domain.validate_name(name)
     ran = _guests(s, host, inventory).destroy(name)
-    progress(f"{name} destroyed" if ran else f"{name} was not running; leftovers removed")
+    progress(
+        f"{name} destroyed" if ran else f"{name} was not running; leftovers removed"
+    )
 
 
 @pvtask(
@@ -433,7 +440,9 @@ def metadata(
         print(guests.imds("import", name, "-", input=dump), end="")
     elif log:
         if follow:
-            code = guests.dom0.stream_command(guests.imds_command("log", name, "--follow"))
+            code = guests.dom0.stream_command(
+                guests.imds_command("log", name, "--follow")
+            )
             raise Exit(code=code)
         for line in guests.imds("log", name).splitlines():
             print(_format_request(line))
@@ -581,7 +590,7 @@ def list_(c, host=None, inventory=None, verbose=False):
     }
 )
 def demo(c, keep_vm=True, verbose=False):
-    """The whole chain on a sample image: provision, build the image, boot, read user-data."""
+    """The whole chain on a sample image: provision, build it, boot, read user-data."""
     from pvlab import provision as prov
     from pvlab import sample
 
@@ -622,7 +631,7 @@ def demo(c, keep_vm=True, verbose=False):
     }
 )
 def test(c, tier=None, pytest_args="", no_provision=False):
-    """Run the test suite: unit tests, then provision dom0, testinfra checks and e2e boots."""
+    """Run the tests: unit, then provision dom0, testinfra checks and e2e boots."""
     if tier not in (None, "unit", "integration", "e2e"):
         raise PvlabError(f"unknown tier {tier!r}; use unit, integration or e2e.")
     extra = pytest_args.split()
@@ -644,7 +653,9 @@ def test(c, tier=None, pytest_args="", no_provision=False):
 
 
 def _pytest(args: list[str]) -> int:
-    code = subprocess.call([sys.executable, "-m", "pytest", "-ra", *args], cwd=PROJECT_ROOT)
+    code = subprocess.call(
+        [sys.executable, "-m", "pytest", "-ra", *args], cwd=PROJECT_ROOT
+    )
     # pytest's 5 means it collected nothing: in a tier that is a failure too.
     return 1 if code else 0
 

@@ -78,7 +78,9 @@ def parse(path: Path) -> XlConfig:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise DomainError(f"xl config {path} cannot be read ({exc.strerror}).") from None
+        raise DomainError(
+            f"xl config {path} cannot be read ({exc.strerror})."
+        ) from None
     values: dict[str, object] = {}
     pending = ""
     start = 0
@@ -99,7 +101,9 @@ def parse(path: Path) -> XlConfig:
         try:
             values[key] = ast.literal_eval(value.rstrip(";"))
         except (ValueError, SyntaxError):
-            raise DomainError(f"{path}:{start}: cannot read the value of {key}.") from None
+            raise DomainError(
+                f"{path}:{start}: cannot read the value of {key}."
+            ) from None
     return XlConfig(Path(path), values)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from pvlab import sample
 from pvlab.settings import PROJECT_ROOT
+
 from helpers import invoke
 
 
@@ -52,11 +53,14 @@ def test_guest_used_an_imdsv2_token_and_the_request_log_shows_it(host):
     result = invoke("metadata", "--name", "pvlab-e2e", "--log")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any("PUT" in l and " 200 " in l and "/latest/api/token" in l for l in lines)
     assert any(
-        l.split()[1] == "v2" and "GET" in l and " 200 " in l and l.endswith(
+        "PUT" in line and " 200 " in line and "/latest/api/token" in line
+        for line in lines
+    )
+    assert any(
+        line.split()[1] == "v2" and "GET" in line and " 200 " in line and line.endswith(
             "/latest/user-data")
-        for l in lines
+        for line in lines
     ), result.stdout
 
 

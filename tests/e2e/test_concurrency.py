@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from pvlab import domain, sample
 from pvlab.settings import PROJECT_ROOT
+
 from helpers import held_sample_volume, invoke
 
 GUESTS = {
@@ -137,4 +138,4 @@ def _answered_after(name: str, moment: datetime, timeout: float = 120) -> bool:
 
 def _parse_time(text: str) -> datetime:
     parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pvlab import sample
+
 from helpers import invoke
 
 

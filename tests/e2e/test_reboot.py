@@ -15,6 +15,7 @@ import pytest
 
 from pvlab import sample
 from pvlab.settings import PROJECT_ROOT
+
 from helpers import held_sample_volume, invoke
 
 # The conftest runs these after every other test: they reboot dom0.
@@ -84,11 +85,15 @@ def test_xen_runs_after_the_reboot(interrupted_boot, host):
     assert host.check_output("cat /sys/hypervisor/type").strip() == "xen"
 
 
-def test_xenbr0_has_its_address_after_the_reboot(interrupted_boot, host, pvlab_settings):
+def test_xenbr0_has_its_address_after_the_reboot(
+    interrupted_boot, host, pvlab_settings
+):
     assert pvlab_settings.bridge_address in host.interface("xenbr0").addresses
 
 
-def test_dhcp_and_the_imds_serve_after_the_reboot(interrupted_boot, host, pvlab_settings):
+def test_dhcp_and_the_imds_serve_after_the_reboot(
+    interrupted_boot, host, pvlab_settings
+):
     assert host.service("dnsmasq").is_running
     assert host.service("pvlab-imds").is_running
     deadline = time.monotonic() + 60

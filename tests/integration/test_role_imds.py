@@ -40,7 +40,8 @@ def test_metadata_service_comes_back_after_being_killed(host, pvlab_settings):
     result = host.run(
         "for i in $(seq 1 30); do pid=$(systemctl show -p MainPID --value pvlab-imds);"
         f" if [ \"$pid\" != 0 ] && [ \"$pid\" != {before} ] &&"
-        f" ss -ltn | grep -q '{pvlab_settings.bridge_address}:{pvlab_settings.imds_port} ';"
+        f" ss -ltn | grep -q '{pvlab_settings.bridge_address}:"
+        f"{pvlab_settings.imds_port} ';"
         " then exit 0; fi; sleep 1; done; exit 1"
     )
     assert result.rc == 0, "pvlab-imds did not come back within 30 s"

@@ -14,7 +14,8 @@ def test_xenbr0_is_written_to_come_back_after_reboot(host):
 
 
 def test_bridged_frames_pass_through_iptables_now_and_after_reboot(host):
-    assert host.file("/proc/sys/net/bridge/bridge-nf-call-iptables").content_string.strip() == "1"
+    call_iptables = host.file("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    assert call_iptables.content_string.strip() == "1"
     assert host.file("/etc/modules-load.d/pvlab-bridge.conf").contains("br_netfilter")
     assert host.file("/etc/sysctl.d/90-pvlab-bridge.conf").contains("call-iptables = 1")
 

@@ -73,16 +73,24 @@ def test_https_third_party_and_disabled_sources_are_ignored(tmp_path):
     root = apt_root(
         tmp_path,
         {
-            "sources.list.d/a-https.list": "deb https://secure.example/debian bookworm main\n",
+            "sources.list.d/a-https.list": (
+                "deb https://secure.example/debian bookworm main\n"
+            ),
             "sources.list.d/b-vendor.sources": THIRD_PARTY_DEB822,
-            "sources.list.d/c-vendor.list": "deb http://vendor.example/d bookworm stable\n",
+            "sources.list.d/c-vendor.list": (
+                "deb http://vendor.example/d bookworm stable\n"
+            ),
             "sources.list.d/d-off.sources": (
                 "Enabled: no\nTypes: deb\nURIs: http://off.example/debian\n"
                 "Suites: bookworm\nComponents: main\n"
             ),
-            "sources.list.d/e-src.list": "deb-src http://src.example/debian bookworm main\n",
+            "sources.list.d/e-src.list": (
+                "deb-src http://src.example/debian bookworm main\n"
+            ),
             "sources.list.d/f-debian.sources": DEB822,
-            "sources.list.d/g-disabled.list.disabled": "deb http://x.example/ bookworm main\n",
+            "sources.list.d/g-disabled.list.disabled": (
+                "deb http://x.example/ bookworm main\n"
+            ),
         },
     )
 

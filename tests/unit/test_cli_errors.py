@@ -34,7 +34,9 @@ def volume(tmp_path_factory):
 def assert_one_sentence(result, fragment):
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr
-    errors = [l for l in result.stderr.splitlines() if l.startswith("pvlab: error:")]
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("pvlab: error:")
+    ]
     assert len(errors) == 1, result.stderr
     assert fragment in errors[0]
     assert errors[0].rstrip().endswith(".")
@@ -65,7 +67,9 @@ def test_missing_or_wrong_arguments_are_one_sentence(args, fragment):
     (["--mac", "00:16:3e:zz:00:01"], "is malformed"),
     (["--mac", "01:00:5e:00:00:01"], "multicast"),
 ])
-def test_bad_boot_options_are_refused_before_anything_is_created(volume, extra, fragment):
+def test_bad_boot_options_are_refused_before_anything_is_created(
+    volume, extra, fragment
+):
     assert_one_sentence(invoke("boot", "--image", str(volume), *extra), fragment)
 
 
@@ -88,7 +92,9 @@ def test_empty_volume_is_not_a_filesystem(tmp_path):
 
 def test_unknown_setting_in_the_environment_is_one_sentence():
     env = dict(os.environ, PVLAB_BOGUS_KNOB="1")
-    assert_one_sentence(invoke("settings", env=env), "PVLAB_BOGUS_KNOB names no setting")
+    assert_one_sentence(
+        invoke("settings", env=env), "PVLAB_BOGUS_KNOB names no setting"
+    )
 
 
 def test_public_network_without_a_host_interface_is_one_sentence():

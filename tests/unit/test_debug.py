@@ -18,6 +18,7 @@ import pytest
 
 from pvlab import debug, image
 from pvlab.errors import ImageError
+
 from helpers import pvkernel
 
 pytestmark = pytest.mark.unit

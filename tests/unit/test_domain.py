@@ -60,7 +60,9 @@ def test_bad_guest_names_are_refused(name):
         domain.validate_name(name)
 
 
-@pytest.mark.parametrize("mac", ["00:16:3e:58:88", "zz:16:3e:58:88:57", "01:00:5e:00:00:01"])
+@pytest.mark.parametrize(
+    "mac", ["00:16:3e:58:88", "zz:16:3e:58:88:57", "01:00:5e:00:00:01"]
+)
 def test_bad_macs_are_refused(mac):
     with pytest.raises(DomainError):
         domain.validate_mac(mac)

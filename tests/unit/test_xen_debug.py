@@ -19,6 +19,7 @@ from elftools.elf.enums import ENUM_NOTE_N_TYPE
 
 from pvlab import xen_debug
 from pvlab.errors import HostError, SettingsError
+
 from helpers import PVKERNEL, pvkernel
 
 REPO = Path(__file__).resolve().parents[2]

@@ -39,4 +39,4 @@ def test_broken_configs_name_the_line_or_the_missing_part(tmp_path, text, messag
     path = tmp_path / "bad.cfg"
     path.write_text(text)
     with pytest.raises(DomainError, match=message):
-        xlconfig.parse(path).disk
+        _ = xlconfig.parse(path).disk
