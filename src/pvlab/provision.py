@@ -165,7 +165,8 @@ def run_playbook(
                 # One recap line per host: the play's recap is their sum.
                 counts = [int(g) for g in match.groups()[1:]]
                 if recap is not None:
-                    counts = [a + b for a, b in zip(counts, astuple(recap), strict=True)]
+                    totals = zip(counts, astuple(recap), strict=True)
+                    counts = [a + b for a, b in totals]
                 recap = Recap(*counts)
         code = proc.wait()
     if code != 0 or recap is None or recap.failed or recap.unreachable:
