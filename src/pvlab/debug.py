@@ -235,9 +235,9 @@ class DebugBoot:
             "released": False,
         }
 
-    def write_record(self, dom0, guest_dir: str) -> None:
-        path = f"{guest_dir}/{RECORD_NAME}"
-        dom0.run(f"cat > {shlex.quote(path)}", input=json.dumps(self.record()) + "\n")
+    def record_file(self, guest_dir: str) -> dict[str, str]:
+        """The record as a file for Guests.prepare to write beside the guest."""
+        return {f"{guest_dir}/{RECORD_NAME}": json.dumps(self.record()) + "\n"}
 
     def discard(self) -> None:
         if self._workdir is not None:

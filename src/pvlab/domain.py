@@ -6,6 +6,7 @@ registrations are removed with it, so nothing of a destroyed guest remains.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import logging
@@ -173,6 +174,61 @@ def env_map(pairs: list[str]) -> dict[str, str]:
     return result
 
 
+CREATE_FAILED = "pvlab-create-failed: "
+
+
+class CreateError(DomainError):
+    """`xl create` refused the guest: it does not exist."""
+
+
+def _create_error(name: str, lines: list[str]) -> CreateError:
+    reason = ([line for line in lines if line.strip()] or ["no message"])[-1]
+    return CreateError(
+        f"xl create of {name} failed ({reason}); see /var/log/xen/ in dom0 or "
+        f"`invoke report --name {name}`."
+    )
+
+
+def _decode(data: bytes) -> str:
+    """A shell pipeline stage printing these bytes (base64 keeps them literal)."""
+    return f"echo {base64.b64encode(data).decode()} | base64 -d"
+
+
+def _parse_xl_list(text: str) -> list[dict]:
+    domains = []
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6 and parts[0] != "Domain-0":
+            domains.append({
+                "name": parts[0],
+                "domid": int(parts[1]),
+                "memory": int(parts[2]),
+                "vcpus": int(parts[3]),
+                "state": parts[4],
+            })
+    return domains
+
+
+def _parse_dhcp_hosts(text: str) -> dict[str, str]:
+    """MAC -> guest name from dnsmasq dhcp-hostsdir lines "mac,ip,name"."""
+    macs = {}
+    for line in text.splitlines():
+        parts = line.strip().split(",")
+        if len(parts) >= 3:
+            macs[parts[0]] = parts[2]
+    return macs
+
+
+@dataclass
+class Survey:
+    """What dom0 holds before a boot, fetched in one round trip."""
+
+    domains: list[dict]
+    guest_dirs: list[str]
+    macs: dict[str, str]
+    free_memory: int
+
+
 @dataclass
 class Guests:
     """The guest domains of one dom0, driven through `xl` over SSH."""
@@ -187,18 +243,7 @@ class Guests:
                 "dom0 has no Xen tools yet (`xl` not found): the VM is not "
                 "provisioned; run `invoke provision`."
             )
-        domains = []
-        for line in result.stdout.splitlines()[1:]:
-            parts = line.split()
-            if len(parts) >= 6 and parts[0] != "Domain-0":
-                domains.append({
-                    "name": parts[0],
-                    "domid": int(parts[1]),
-                    "memory": int(parts[2]),
-                    "vcpus": int(parts[3]),
-                    "state": parts[4],
-                })
-        return domains
+        return _parse_xl_list(result.stdout)
 
     def exists(self, name: str) -> bool:
         result = self.dom0.run(f"xl domid {shlex.quote(name)}", check=False)
@@ -214,73 +259,114 @@ class Guests:
         out = self.dom0.run(
             f"cat {DHCP_HOSTS_DIR}/* 2>/dev/null || true", check=False
         ).stdout
-        macs = {}
-        for line in out.splitlines():
-            parts = line.strip().split(",")
-            if len(parts) >= 3:
-                macs[parts[0]] = parts[2]
-        return macs
+        return _parse_dhcp_hosts(out)
 
-    def prune(self) -> None:
+    def survey(self) -> Survey:
+        """Domains, guest directories, DHCP registrations and free memory at once:
+        one SSH round trip instead of one per question (each costs about half a
+        second in an emulated dom0)."""
+        script = (
+            "echo @xl; xl list; echo @guests; ls " + GUESTS_DIR + " 2>/dev/null; "
+            "echo @dhcp; cat " + DHCP_HOSTS_DIR + "/* 2>/dev/null; "
+            "echo @info; xl info | grep '^free_memory'; true"
+        )
+        result = self.dom0.run(script, check=False)
+        sections: dict[str, list[str]] = {}
+        current: list[str] = []
+        for line in result.stdout.splitlines():
+            if line.startswith("@"):
+                current = sections.setdefault(line[1:], [])
+            else:
+                current.append(line)
+        if not any(line.startswith("Name") for line in sections.get("xl", [])):
+            raise DomainError(
+                "dom0 has no working Xen tools (`xl list` failed): the VM is not "
+                "provisioned or Xen is not running; run `invoke provision`."
+            )
+        free = re.search(r"(\d+)", " ".join(sections.get("info", [])))
+        return Survey(
+            domains=_parse_xl_list("\n".join(sections["xl"])),
+            guest_dirs=[n for n in sections.get("guests", []) if n.strip()],
+            macs=_parse_dhcp_hosts("\n".join(sections.get("dhcp", []))),
+            free_memory=int(free.group(1)) if free else 0,
+        )
+
+    def prune(self, survey: Survey | None = None) -> None:
         """Forget registrations of guests that no longer run (e.g. powered off)."""
-        running = {d["name"] for d in self.list()}
-        out = self.dom0.run(f"ls {GUESTS_DIR} 2>/dev/null || true", check=False).stdout
-        for name in out.split():
+        survey = survey or self.survey()
+        running = {d["name"] for d in survey.domains}
+        for name in survey.guest_dirs:
             if name not in running:
                 log.debug("pruning leftovers of %s", name)
                 self.forget(name)
+                survey.macs = {m: n for m, n in survey.macs.items() if n != name}
 
-    def check_new(self, spec: GuestSpec) -> None:
-        if self.exists(spec.name):
+    def check_new(self, spec: GuestSpec, survey: Survey | None = None) -> None:
+        survey = survey or self.survey()
+        if spec.name in {d["name"] for d in survey.domains}:
             raise DomainError(
                 f"a guest named {spec.name} is already running; destroy it with "
                 f"`invoke destroy --name {spec.name}` or choose another --name."
             )
-        owner = self.registered_macs().get(spec.mac)
+        owner = survey.macs.get(spec.mac)
         if owner and owner != spec.name:
             raise DomainError(
                 f"MAC address {spec.mac} is already used by guest {owner}; choose "
                 "another or leave --mac out."
             )
-        free = self.free_memory()
+        free = survey.free_memory
         if spec.memory > free:
             raise DomainError(
                 f"{spec.name} needs {spec.memory} MiB but Xen has {free} MiB free; "
                 "use a smaller --instance-type, --memory, or destroy other guests."
             )
 
-    def register(self, spec: GuestSpec) -> None:
+    def _register_script(self, spec: GuestSpec) -> str:
+        """Shell lines registering the guest with the IMDS (exit 91 on refusal)
+        and with DHCP; the user-data travels inline, base64-encoded."""
         q = shlex.quote
-        cmd = (
+        register = (
             f"python3 {IMDS_SCRIPT} register --state-dir {IMDS_STATE_DIR} "
             f"--name {q(spec.name)} --mac {spec.mac} --ip {spec.ip} "
             f"--instance-type {q(spec.instance_type.name)} "
             f"--pvgrub-variant {spec.pvgrub_variant} "
         )
         if spec.user_data is None:
-            cmd += "--no-user-data"
-            stdin: bytes = b""
+            register = f"{register}--no-user-data </dev/null"
         else:
-            cmd += "--user-data-file -"
-            stdin = spec.user_data
-        # A new guest of an old name is a new instance: its request log starts
-        # empty (the old one stays readable until then, for post-mortems).
-        cmd = f"rm -f {IMDS_STATE_DIR}/logs/{q(spec.name)}.jsonl*; {cmd}"
-        result = self.dom0.run(cmd, input=stdin, check=False)
-        if result.returncode != 0:
-            message = result.stderr.decode(errors="replace").strip().splitlines()
+            register = f"{_decode(spec.user_data)} | {register}--user-data-file -"
+        host_line = f"{spec.mac},{spec.ip},{spec.name}\n"
+        return (
+            # A new guest of an old name is a new instance: its request log starts
+            # empty (the old one stays readable until then, for post-mortems).
+            f"rm -f {IMDS_STATE_DIR}/logs/{q(spec.name)}.jsonl*\n"
+            f"if ! {register}; then exit 91; fi\n"
+            f"mkdir -p {DHCP_HOSTS_DIR}\n"
+            f"{_decode(host_line.encode())} > {DHCP_HOSTS_DIR}/{q(spec.name)}\n"
+        )
+
+    def _check_registration(self, spec: GuestSpec, result) -> None:
+        stderr = result.stderr
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode(errors="replace")
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        if result.returncode == 91:
             raise DomainError(
                 f"the metadata service refused {spec.name}: "
-                f"{message[-1] if message else 'no reason given'}"
+                f"{lines[-1] if lines else 'no reason given'}"
             )
-        for line in result.stderr.decode(errors="replace").splitlines():
-            if line.strip():
-                log.warning("%s", line.strip())
-        host_line = f"{spec.mac},{spec.ip},{spec.name}\n"
-        self.dom0.run(
-            f"mkdir -p {DHCP_HOSTS_DIR} && cat > {DHCP_HOSTS_DIR}/{q(spec.name)}",
-            input=host_line,
-        )
+        if result.returncode != 0:
+            raise DomainError(
+                f"preparing {spec.name} in dom0 failed: "
+                f"{lines[-1] if lines else 'no message'}"
+            )
+        for line in lines:
+            log.warning("%s", line)
+
+    def register(self, spec: GuestSpec) -> None:
+        """Register the guest with the IMDS and DHCP (its files are in place)."""
+        result = self.dom0.run(self._register_script(spec), check=False)
+        self._check_registration(spec, result)
 
     def imds_command(self, verb: str, name: str, *args: str) -> str:
         return shlex.join([
@@ -308,41 +394,66 @@ class Guests:
             check=False,
         )
 
-    def prepare(self, spec: GuestSpec, progress=log.info) -> None:
-        progress(f"copying {spec.image} into dom0")
-        self.dom0.run(f"mkdir -p {shlex.quote(spec.guest_dir)}")
-        self.dom0.copy_to(spec.image, spec.disk)
-        self.dom0.run(
-            f"cat > {shlex.quote(spec.config_path)}", input=render_xl_config(spec)
-        )
+    def prepare(
+        self,
+        spec: GuestSpec,
+        progress=log.info,
+        files: dict[str, str] | None = None,
+    ) -> None:
+        """Copy the volume, write the xl config (and any other files) and register
+        the guest, in one SSH round trip: the volume streams on stdin, the rest
+        travels in the command."""
+        q = shlex.quote
         progress(
-            f"registering {spec.name}: mac {spec.mac}, address {spec.ip}, "
-            f"{spec.instance_type.name} ({spec.memory} MiB, "
-            f"{spec.vcpus or spec.instance_type.vcpus} vCPU)"
+            f"copying {spec.image} into dom0 and registering {spec.name}: mac "
+            f"{spec.mac}, address {spec.ip}, {spec.instance_type.name} "
+            f"({spec.memory} MiB, {spec.vcpus or spec.instance_type.vcpus} vCPU)"
         )
-        self.register(spec)
+        files = {spec.config_path: render_xl_config(spec), **(files or {})}
+        script = (
+            f"set -e\nmkdir -p {q(spec.guest_dir)}\n"
+            f"cat > {q(spec.disk)}.part\nmv {q(spec.disk)}.part {q(spec.disk)}\n"
+            + "".join(
+                f"{_decode(text.encode())} > {q(path)}\n"
+                for path, text in files.items()
+            )
+            + "set +e\n"
+            + self._register_script(spec)
+        )
+        result = self.dom0.run_with_file(script, spec.image)
+        self._check_registration(spec, result)
 
     def create_paused(self, spec: GuestSpec) -> None:
         result = self.dom0.run(
             f"xl create -p {shlex.quote(spec.config_path)}", check=False
         )
         if result.returncode != 0:
-            reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            raise DomainError(
-                f"xl create of {spec.name} failed ({reason}); see /var/log/xen/ "
-                f"in dom0 or `invoke report --name {spec.name}`."
-            )
+            raise _create_error(spec.name, result.stderr.strip().splitlines())
 
-    def console(self, name: str, log_file: Path, unpause: bool = True) -> int:
-        """Attach the console, unpause, stream until the guest is gone."""
+    def console(
+        self,
+        name: str,
+        log_file: Path,
+        unpause: bool = True,
+        create: GuestSpec | None = None,
+    ) -> int:
+        """Attach the console, unpause, stream until the guest is gone; with
+        create, `xl create -p` it first in the same SSH session."""
         q = shlex.quote(name)
         # sh -c has no job control, so the console in the background keeps the
         # terminal; it is attached before the guest runs its first instruction.
         remote = (
-            f"xl console {q} & console=$!; sleep 1; "
+            f"xl console {q} & console=$!; sleep 0.5; "
             + (f"xl unpause {q}; " if unpause else "")
             + "wait $console"
         )
+        if create is not None:
+            remote = (
+                f"out=$(xl create -p {shlex.quote(create.config_path)} 2>&1) || "
+                f"{{ echo \"$out\" | sed 's/^/{CREATE_FAILED}/'; exit 97; }}; "
+                + remote
+            )
+        failure: list[str] = []
         argv = self.dom0.ssh_argv(f"sudo sh -c {shlex.quote(remote)}", tty=True)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with subprocess.Popen(
@@ -356,12 +467,18 @@ class Guests:
             try:
                 for raw in proc.stdout:
                     line = raw.replace(b"\r", b"")
+                    if line.startswith(CREATE_FAILED.encode()):
+                        failure.append(line.decode(errors="replace")[
+                            len(CREATE_FAILED):].strip())
+                        continue
                     sink.write(line)
                     sink.flush()
                     print(line.decode(errors="replace"), end="", flush=True)
                 code = proc.wait()
                 if code == 255:
                     raise self.dom0.lost(f"streaming {name}'s console")
+                if code == 97 and failure:
+                    raise _create_error(name, failure)
                 return code
             finally:
                 if proc.poll() is None:

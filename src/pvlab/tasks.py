@@ -291,8 +291,9 @@ def boot_image(
             "anyway and watch it fail as on EC2."
         )
     guests = domain.Guests(dom0 or _dom0(s), s)
-    guests.prune()
-    mac = mac or _unused_mac(guests, s)
+    survey = guests.survey()
+    guests.prune(survey)
+    mac = mac or _unused_mac(survey, s)
     paused = paused or debug
     spec = domain.GuestSpec(
         name=name,
@@ -306,7 +307,7 @@ def boot_image(
         pvgrub_variant=pvgrub_variant,
         vcpus=vcpus,
     )
-    guests.check_new(spec)
+    guests.check_new(spec, survey)
     log_file = Path(s.cache_dir) / "logs" / f"{name}-console.log"
     created = False
     # What gdb needs later: the kernel's identity, and with --debug the patched copy.
@@ -317,10 +318,10 @@ def boot_image(
         progress(f"note: {debug_boot.refusal}")
     spec.image = debug_boot.image
     try:
-        guests.prepare(spec, progress)
-        debug_boot.write_record(guests.dom0, spec.guest_dir)
-        guests.create_paused(spec)
-        created = True
+        guests.prepare(spec, progress, files=debug_boot.record_file(spec.guest_dir))
+        if paused:
+            guests.create_paused(spec)
+            created = True
         if debug_boot.spin:
             progress(
                 f"{name} created paused, its kernel to spin at its entry "
@@ -336,7 +337,13 @@ def boot_image(
             f"also in {log_file})"
         )
         log_file.unlink(missing_ok=True)
-        code = guests.console(name, log_file)
+        # Created and unpaused within the console's own SSH session.
+        created = True
+        try:
+            code = guests.console(name, log_file, create=spec)
+        except domain.CreateError:
+            created = False
+            raise
         progress(f"{name} has stopped (console exit status {code})")
         return 0
     except KeyboardInterrupt:
@@ -365,10 +372,8 @@ def _cleanup(guests, name: str, failing: bool) -> None:
         log.warning("could not destroy %s: %s", name, exc)
 
 
-def _unused_mac(guests, s) -> str:
-    used_ips = {
-        domain.ip_for_mac(m, s.bridge_network) for m in guests.registered_macs()
-    }
+def _unused_mac(survey, s) -> str:
+    used_ips = {domain.ip_for_mac(m, s.bridge_network) for m in survey.macs}
     for _ in range(100):
         mac = domain.random_mac()
         if domain.ip_for_mac(mac, s.bridge_network) not in used_ips:

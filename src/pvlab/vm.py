@@ -215,14 +215,25 @@ class Dom0:
             raise self.lost(f"running `{command}`")
         return code
 
+    def run_with_file(self, command: str, local: Path) -> subprocess.CompletedProcess:
+        """Run a shell command in dom0 as root with a local file as its stdin."""
+        log.debug("dom0 (stdin %s): %s", local, command)
+        with local.open("rb") as source:
+            result = subprocess.run(
+                self.ssh_argv(f"sudo sh -c {shlex.quote(command)}"),
+                stdin=source,
+                capture_output=True,
+            )
+        if result.returncode == 255:
+            raise self.lost("copying a file into it")
+        return result
+
     def copy_to(self, local: Path, remote: str) -> None:
         """Copy a file into dom0 (as root), streaming it through SSH."""
         remote_q = shlex.quote(remote)
-        cmd = f"sudo sh -c 'cat > {remote_q}.part && mv {remote_q}.part {remote_q}'"
-        with local.open("rb") as source:
-            result = subprocess.run(
-                self.ssh_argv(cmd), stdin=source, capture_output=True
-            )
+        result = self.run_with_file(
+            f"cat > {remote_q}.part && mv {remote_q}.part {remote_q}", local
+        )
         if result.returncode != 0:
             raise VmError(
                 f"copying {local} into dom0 failed: "
