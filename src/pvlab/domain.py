@@ -249,18 +249,6 @@ class Guests:
         result = self.dom0.run(f"xl domid {shlex.quote(name)}", check=False)
         return result.returncode == 0
 
-    def free_memory(self) -> int:
-        out = self.dom0.run("xl info").stdout
-        match = re.search(r"^free_memory\s*:\s*(\d+)", out, re.M)
-        return int(match.group(1)) if match else 0
-
-    def registered_macs(self) -> dict[str, str]:
-        """MAC -> guest name of every DHCP registration in dom0."""
-        out = self.dom0.run(
-            f"cat {DHCP_HOSTS_DIR}/* 2>/dev/null || true", check=False
-        ).stdout
-        return _parse_dhcp_hosts(out)
-
     def survey(self) -> Survey:
         """Domains, guest directories, DHCP registrations and free memory at once:
         one SSH round trip instead of one per question (each costs about half a

@@ -138,3 +138,58 @@ def test_a_dom0_without_xen_tools_is_reported_as_not_provisioned():
 
     with pytest.raises(DomainError, match="not provisioned; run `invoke provision`"):
         guests.list()
+
+
+SURVEY = """@xl
+Name                                        ID   Mem VCPUs	State	Time(s)
+Domain-0                                     0  1024     2     r-----      10.0
+g1                                           3   256     1     -b----       1.0
+@guests
+g1
+gone
+@dhcp
+00:16:3e:00:00:01,198.19.0.3,g1
+00:16:3e:00:00:02,198.19.0.4,gone
+@info
+free_memory            : 900
+"""
+
+
+class RecordingDom0(FakeDom0):
+    def __init__(self, stdout: str) -> None:
+        super().__init__(0, stdout)
+        self.commands: list[str] = []
+
+    def run(self, command, **kwargs):
+        self.commands.append(command)
+        return super().run(command, **kwargs)
+
+
+def test_one_survey_answers_every_question_before_a_boot():
+    from pvlab import settings
+
+    dom0 = RecordingDom0(SURVEY)
+    survey = domain.Guests(dom0, settings.Settings()).survey()
+
+    assert [d["name"] for d in survey.domains] == ["g1"]
+    assert survey.guest_dirs == ["g1", "gone"]
+    assert survey.macs["00:16:3e:00:00:01"] == "g1"
+    assert survey.free_memory == 900
+    assert len(dom0.commands) == 1
+
+
+def test_prune_forgets_guests_that_no_longer_run_and_frees_their_macs():
+    from pvlab import settings
+
+    dom0 = RecordingDom0(SURVEY)
+    guests = domain.Guests(dom0, settings.Settings())
+    survey = guests.survey()
+
+    guests.prune(survey)
+
+    assert "--name gone" in dom0.commands[-1]
+    assert "00:16:3e:00:00:02" not in survey.macs
+    with pytest.raises(DomainError, match="already running"):
+        guests.check_new(spec(name="g1"), survey)
+    with pytest.raises(DomainError, match="needs 1024 MiB but Xen has 900"):
+        guests.check_new(spec(name="g2", memory=1024), survey)
