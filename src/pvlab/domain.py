@@ -103,12 +103,35 @@ class GuestSpec:
 
     @property
     def kernel(self) -> str:
+        """The PV-GRUB image in dom0 that xl starts as the guest's kernel."""
+        if self.pvgrub_flavor == "legacy":
+            return f"{PVGRUB_DIR}/legacy-x86_64-{self.pvgrub_variant}.gz"
         return f"{PVGRUB_DIR}/pvgrub2-x86_64-{self.pvgrub_variant}.elf"
 
     @property
     def extra(self) -> str:
+        """The menu.lst legacy PV-GRUB reads: its first command-line argument.
+
+        PV-GRUB 2 ignores it (the lookup is built into its image); EC2's legacy
+        AKIs read the same path from their own configuration.
+        """
         root = "(hd0)" if self.pvgrub_variant == "hd0" else "(hd0,0)"
         return f"{root}/boot/grub/menu.lst"
+
+
+def _missing_pvgrub(spec: GuestSpec) -> str:
+    if spec.pvgrub_flavor == "legacy":
+        return (
+            f"dom0 has no legacy PV-GRUB image ({spec.kernel}); name a prebuilt "
+            "pv-grub-x86_64.gz with the setting pvgrub_legacy_image_hd0 (or "
+            "pvgrub_legacy_image_hd00), or set pvgrub_flavor: legacy and "
+            "pvgrub_legacy_sources to the stubdom tarballs to build one, then run "
+            "`invoke provision`."
+        )
+    return (
+        f"dom0 has no PV-GRUB 2 image ({spec.kernel}); run `invoke provision`, "
+        "which builds it."
+    )
 
 
 def render_xl_config(spec: GuestSpec) -> str:
@@ -221,6 +244,8 @@ class Guests:
                 self.forget(name)
 
     def check_new(self, spec: GuestSpec) -> None:
+        if self.dom0.run(f"test -f {shlex.quote(spec.kernel)}", check=False).returncode:
+            raise DomainError(_missing_pvgrub(spec))
         if self.exists(spec.name):
             raise DomainError(
                 f"a guest named {spec.name} is already running; destroy it with "

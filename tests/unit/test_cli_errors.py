@@ -60,6 +60,7 @@ def test_missing_or_wrong_arguments_are_one_sentence(args, fragment):
     (["--env", "A=1", "--env", "A=2"], "given twice"),
     (["--user-data", "/nonexistent/ud.json"], "cannot be read"),
     (["--memory", "lots"], "--memory must be a number"),
+    (["--pvgrub", "grub3"], "--pvgrub must be legacy or pvgrub2"),
 ])
 def test_bad_boot_options_are_refused_before_anything_is_created(volume, extra, fragment):
     assert_one_sentence(invoke("boot", "--image", str(volume), *extra), fragment)
