@@ -105,5 +105,5 @@ def test_legacy_sources_url_is_kept_as_given(tmp_path):
 
 
 def test_legacy_sources_of_another_scheme_are_refused(tmp_path):
-    with pytest.raises(SettingsError, match="pvgrub_legacy_sources must be a directory"):
+    with pytest.raises(SettingsError, match="must be a directory on this machine"):
         load(tmp_path, "pvgrub_legacy_sources: ftp://example.invalid/extfiles\n")
