@@ -106,12 +106,35 @@ class GuestSpec:
 
     @property
     def kernel(self) -> str:
+        """The PV-GRUB image in dom0 that xl starts as the guest's kernel."""
+        if self.pvgrub_flavor == "legacy":
+            return f"{PVGRUB_DIR}/legacy-x86_64-{self.pvgrub_variant}.gz"
         return f"{PVGRUB_DIR}/pvgrub2-x86_64-{self.pvgrub_variant}.elf"
 
     @property
     def extra(self) -> str:
+        """The menu.lst legacy PV-GRUB reads: its first command-line argument.
+
+        PV-GRUB 2 ignores it (the lookup is built into its image); EC2's legacy
+        AKIs read the same path from their own configuration.
+        """
         root = "(hd0)" if self.pvgrub_variant == "hd0" else "(hd0,0)"
         return f"{root}/boot/grub/menu.lst"
+
+
+def _missing_pvgrub(spec: GuestSpec) -> str:
+    if spec.pvgrub_flavor == "legacy":
+        return (
+            f"dom0 has no legacy PV-GRUB image ({spec.kernel}); name a prebuilt "
+            "pv-grub-x86_64.gz with the setting pvgrub_legacy_image_hd0 (or "
+            "pvgrub_legacy_image_hd00), or set pvgrub_flavor: legacy and "
+            "pvgrub_legacy_sources to the stubdom tarballs to build one, then run "
+            "`invoke provision`."
+        )
+    return (
+        f"dom0 has no PV-GRUB 2 image ({spec.kernel}); run `invoke provision`, "
+        "which builds it."
+    )
 
 
 def render_xl_config(spec: GuestSpec) -> str:
@@ -227,6 +250,7 @@ class Survey:
     guest_dirs: list[str]
     macs: dict[str, str]
     free_memory: int
+    pvgrub_images: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -256,7 +280,8 @@ class Guests:
         script = (
             "echo @xl; xl list; echo @guests; ls " + GUESTS_DIR + " 2>/dev/null; "
             "echo @dhcp; cat " + DHCP_HOSTS_DIR + "/* 2>/dev/null; "
-            "echo @info; xl info | grep '^free_memory'; true"
+            "echo @info; xl info | grep '^free_memory'; "
+            "echo @pvgrub; ls " + PVGRUB_DIR + " 2>/dev/null; true"
         )
         result = self.dom0.run(script, check=False)
         sections: dict[str, list[str]] = {}
@@ -277,6 +302,7 @@ class Guests:
             guest_dirs=[n for n in sections.get("guests", []) if n.strip()],
             macs=_parse_dhcp_hosts("\n".join(sections.get("dhcp", []))),
             free_memory=int(free.group(1)) if free else 0,
+            pvgrub_images={n for n in sections.get("pvgrub", []) if n.strip()},
         )
 
     def prune(self, survey: Survey | None = None) -> None:
@@ -291,6 +317,8 @@ class Guests:
 
     def check_new(self, spec: GuestSpec, survey: Survey | None = None) -> None:
         survey = survey or self.survey()
+        if spec.kernel.rsplit("/", 1)[-1] not in survey.pvgrub_images:
+            raise DomainError(_missing_pvgrub(spec))
         if spec.name in {d["name"] for d in survey.domains}:
             raise DomainError(
                 f"a guest named {spec.name} is already running; destroy it with "

@@ -15,6 +15,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from pvlab import box, host
+from pvlab import image as image_mod
 from pvlab.errors import HostError, SettingsError, VmError
 from pvlab.settings import PROJECT_ROOT, Settings
 from pvlab.vm import Dom0
@@ -24,6 +25,19 @@ log = logging.getLogger(__name__)
 PLAYBOOK = PROJECT_ROOT / "playbooks" / "site.yml"
 RECAP_RE = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+"
                       r"failed=(\d+)")
+TASK_RE = re.compile(r"^TASK \[(?:[^\]]+ : )?(.+?)\] \**$")
+FATAL_RE = re.compile(r"^fatal: \[[^\]]+\]: FAILED! => (\{.*\})$")
+# Role tasks that stop on a user's mistake with a one-sentence fix of their own:
+# their message becomes pvlab's error instead of "see above".
+SETTINGS_CHECK_TASKS = frozenset(
+    ("Stop if a tarball of the legacy PV-GRUB build is missing.",)
+)
+LEGACY_IMAGE_SETTINGS = {
+    "hd0": "pvgrub_legacy_image_hd0",
+    "hd00": "pvgrub_legacy_image_hd00",
+}
+# Xen's pv-grub-x86_64.gz is about 1 MiB; a file this large is something else.
+MAX_PVGRUB_IMAGE = 64 * 1024 * 1024
 
 
 @dataclass
@@ -61,6 +75,136 @@ def debug_xen(settings: Settings, progress=log.info):
     )
 
 
+def xen_release(xen_version: str) -> str:
+    """The upstream Xen release of a Debian version: 4.17.5 of 4.17.5+72-g0114-1."""
+    match = re.match(r"^(?:\d+:)?(\d+\.\d+(?:\.\d+)?)", xen_version)
+    if not match:
+        raise VmError(f"{xen_version!r} is not a Debian version of Xen.")
+    return match.group(1)
+
+
+def check_legacy_image(path: Path, setting: str) -> image_mod.Kernel:
+    """A prebuilt legacy PV-GRUB image as Xen will load it, or a SettingsError.
+
+    Xen's pv-grub-x86_64.gz is a gzip-compressed x86_64 ELF with Xen notes.
+    """
+    fix = f"set {setting} to the pv-grub-x86_64.gz of a Xen stubdom build"
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise SettingsError(f"{setting} names {path}, which is not a file; {fix}.")
+        if size > MAX_PVGRUB_IMAGE:
+            raise SettingsError(
+                f"{setting} names {path}, {size >> 20} MiB, far too large for a "
+                f"PV-GRUB image; {fix}."
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(
+            f"{setting} names {path}, which cannot be read ({exc.strerror}); {fix}."
+        ) from None
+    kernel = image_mod.Kernel.from_bytes(data)
+    what = f"{setting} names {path}, {_a(kernel.description)}"
+    problem = kernel.problem or "a file of unknown format"
+    if kernel.format == "unknown" and problem.startswith("its "):
+        raise SettingsError(f"{setting} names {path}, but {problem}; {fix}.")
+    if kernel.format == "unknown":
+        what = f"{setting} names {path}, {problem}"
+    if kernel.format != "elf" or kernel.wrapper not in (None, "gzip"):
+        raise SettingsError(
+            f"{what}, whereas Xen's PV-GRUB image is an ELF or a gzip-compressed "
+            f"ELF; {fix}."
+        )
+    if kernel.problem:
+        raise SettingsError(f"{what} that Xen cannot load: {kernel.problem}; {fix}.")
+    if not kernel.is_x86_64:
+        raise SettingsError(
+            f"{what} for {kernel.elf_class}-bit {kernel.machine}, not x86_64, and "
+            f"pvlab boots only x86_64 guests; {fix} for x86_64."
+        )
+    if not kernel.has_xen_notes:
+        raise SettingsError(
+            f"{what} without Xen ELF notes or a __xen_guest section, so Xen would "
+            f"refuse to start it as a PV guest; {fix}."
+        )
+    guest_os = kernel.xen_notes.get("GUEST_OS")
+    if guest_os != "Mini-OS":
+        # Xen's PV-GRUB is a Mini-OS application; anything else may still boot.
+        log.warning(
+            "%s: its Xen notes name the guest OS %r, not Mini-OS as Xen's "
+            "pv-grub does; using it anyway",
+            path,
+            guest_os,
+        )
+    return kernel
+
+
+def _a(description: str) -> str:
+    return f"{'an' if description[0] in 'aeiouxEU' else 'a'} {description}"
+
+
+def check_pvgrub_settings(settings: Settings) -> dict[str, Path]:
+    """Check the legacy PV-GRUB settings before anything is created.
+
+    Returns variant -> prebuilt image to install (empty when none is named).
+    """
+    named = {
+        setting: Path(getattr(settings, setting))
+        for setting in LEGACY_IMAGE_SETTINGS.values()
+        if getattr(settings, setting)
+    }
+    for setting, path in named.items():
+        check_legacy_image(path, setting)
+    if settings.pvgrub_flavor == "legacy" and not named and not (
+        settings.pvgrub_legacy_sources
+    ):
+        raise SettingsError(
+            "pvgrub_flavor is legacy but neither pvgrub_legacy_image_hd0 nor "
+            "pvgrub_legacy_sources is set; name a prebuilt pv-grub-x86_64.gz "
+            "with the first or the directory or URL of the stubdom tarballs with "
+            "the second (README.md, \"Legacy PV-GRUB\")."
+        )
+    return settings.pvgrub_legacy_images
+
+
+def pvgrub_vars(settings: Settings, xen_version: str, progress=log.info) -> dict:
+    """The pvgrub role's variables: which legacy PV-GRUB to install and how."""
+    images = check_pvgrub_settings(settings)
+    build = settings.pvgrub_flavor == "legacy" and not images
+    variables = {
+        "pvgrub_flavor": settings.pvgrub_flavor,
+        "pvgrub_legacy_images": {variant: str(p) for variant, p in images.items()},
+        "pvgrub_legacy_build": build,
+        "pvgrub_legacy_sources": settings.pvgrub_legacy_sources,
+        "pvgrub_legacy_xen_release": xen_release(xen_version),
+        "pvgrub_legacy_download_dir": str(Path(settings.cache_dir) / "pvgrub-legacy"),
+        "pvgrub_legacy_xen_source": [],
+    }
+    if build:
+        variables["pvgrub_legacy_xen_source"] = [
+            str(path) for path in xen_source_files(settings, xen_version, progress)
+        ]
+    return variables
+
+
+def xen_source_files(settings: Settings, xen_version: str, progress=log.info):
+    """The Debian source package of dom0's Xen on this machine, .dsc first."""
+    from pvlab import xen_debug
+
+    mirror, security = mirrors(settings)
+    cache_dir = Path(settings.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    dsc = xen_debug.fetch_source(
+        cache_dir,
+        xen_version,
+        mirror=mirror,
+        security_mirror=security,
+        log_path=cache_dir / "xen-source.log",
+        progress=progress,
+    )
+    return [dsc, *(dsc.parent / name for name in xen_debug._dsc_files(dsc))]
+
+
 def extra_vars(settings: Settings, progress=log.info) -> dict:
     mirror, security = mirrors(settings)
     bridge = ipaddress.ip_network(settings.bridge_network)
@@ -77,7 +221,7 @@ def extra_vars(settings: Settings, progress=log.info) -> dict:
         "xen_bridge_address": settings.bridge_address,
         "xen_bridge_prefixlen": bridge.prefixlen,
         "xen_bridge_netmask": str(bridge.netmask),
-        "pvgrub_flavor": settings.pvgrub_flavor,
+        **pvgrub_vars(settings, debug.version, progress),
         "imds_listen_address": settings.bridge_address,
         "imds_listen_port": settings.imds_port,
         "imds_region": settings.region,
@@ -154,12 +298,14 @@ def run_playbook(
     ]
     log.debug("run: %s", " ".join(argv))
     recap = None
+    output: list[str] = []
     with subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             print(line, end="", flush=True)
+            output.append(line)
             match = RECAP_RE.match(line.strip())
             if match:
                 # One recap line per host: the play's recap is their sum.
@@ -170,11 +316,37 @@ def run_playbook(
                 recap = Recap(*counts)
         code = proc.wait()
     if code != 0 or recap is None or recap.failed or recap.unreachable:
+        message = settings_failure(output)
+        if message:
+            raise SettingsError(message)
         raise VmError(
             "provisioning dom0 failed (the failing task is printed above); fix it "
             "and run `invoke provision` again, it resumes where it stopped."
         )
     return recap
+
+
+def settings_failure(lines: list[str]) -> str | None:
+    """The message of a failed settings check in ansible-playbook's output, if any.
+
+    Ansible's default output names each task in a `TASK [role : name]` line and
+    prints a failure as `fatal: [host]: FAILED! => {json}`.
+    """
+    task = None
+    for line in lines:
+        line = line.rstrip("\n")
+        match = TASK_RE.match(line)
+        if match:
+            task = match.group(1)
+            continue
+        match = FATAL_RE.match(line)
+        if match and task in SETTINGS_CHECK_TASKS:
+            try:
+                message = json.loads(match.group(1)).get("msg")
+            except ValueError:
+                return None
+            return " ".join(str(message).split()) if message else None
+    return None
 
 
 def _ansible_playbook() -> str:
@@ -218,7 +390,15 @@ def _address_in(address: str, network: ipaddress.IPv4Network) -> bool:
 
 def provision(settings: Settings, progress=log.info) -> Recap:
     started = time.monotonic()
+    # Before anything is created: a bad provider, box, image or setting stops
+    # here, not halfway.
     check_provider(settings)
+    images = check_pvgrub_settings(settings)
+    if images:
+        progress(
+            "legacy PV-GRUB: "
+            + ", ".join(f"{variant} from {path}" for variant, path in images.items())
+        )
     if settings.public_network:
         log.warning(
             "public_network is on: the dom0 VM joins the network of host interface "

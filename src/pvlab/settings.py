@@ -52,6 +52,12 @@ class Settings:
     # Guests.
     imds_port: int = 80
     pvgrub_flavor: str = "pvgrub2"
+    # Legacy PV-GRUB (GRUB 0.97 from Xen's stubdom): prebuilt pv-grub-x86_64.gz
+    # images on this machine, or where the tarballs its build needs are (a
+    # directory here or an http(s) URL); one image serves both variants.
+    pvgrub_legacy_image_hd0: str = ""
+    pvgrub_legacy_image_hd00: str = ""
+    pvgrub_legacy_sources: str = ""
     instance_type: str = "m1.small"
     guest_memory: int = 0
     region: str = "us-east-1"
@@ -89,6 +95,30 @@ class Settings:
     def apt_proxy(self) -> str:
         return f"http://{self.mgmt_host_address}:{self.apt_cache_port}"
 
+    @property
+    def pvgrub_legacy_images(self) -> dict[str, Path]:
+        """Variant -> prebuilt legacy PV-GRUB image; one named image serves both.
+
+        Legacy PV-GRUB finds menu.lst through the xl `extra=` string, so the
+        same image boots hd0 and hd00 volumes.
+        """
+        named = {
+            variant: Path(path)
+            for variant, path in (
+                ("hd0", self.pvgrub_legacy_image_hd0),
+                ("hd00", self.pvgrub_legacy_image_hd00),
+            )
+            if path
+        }
+        if len(named) == 1:
+            (image,) = named.values()
+            return {"hd0": image, "hd00": image}
+        return named
+
+    @property
+    def pvgrub_legacy_sources_is_url(self) -> bool:
+        return self.pvgrub_legacy_sources.startswith(("http://", "https://"))
+
     def as_dict(self) -> dict[str, Any]:
         return {
             f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"
@@ -101,6 +131,12 @@ _CHOICES = {
     "pvgrub_flavor": ("pvgrub2", "legacy"),
 }
 _TEST_NET = ipaddress.ip_network("198.18.0.0/15")
+# Settings that name files or directories on this machine (the controller).
+_CONTROLLER_PATHS = (
+    "pvgrub_legacy_image_hd0",
+    "pvgrub_legacy_image_hd00",
+    "pvgrub_legacy_sources",
+)
 
 
 def _convert(name: str, raw: Any, origin: str) -> Any:
@@ -156,6 +192,7 @@ def _validate(settings: Settings) -> None:
             f"2-10 lower-case letters or digits starting with a letter, not "
             f"{settings.name_prefix!r}."
         )
+    _validate_legacy_sources(settings)
     if settings.public_network and not settings.public_network_interface:
         raise SettingsError(
             "public_network is on but public_network_interface names no host "
@@ -170,6 +207,26 @@ def _validate(settings: Settings) -> None:
             f"({settings.dom0_memory} MiB) by at least 512 MiB to leave room for "
             "guests."
         )
+
+
+def _validate_legacy_sources(settings: Settings) -> None:
+    sources = settings.pvgrub_legacy_sources
+    if "://" in sources and not settings.pvgrub_legacy_sources_is_url:
+        raise SettingsError(
+            f"{settings.sources.get('pvgrub_legacy_sources', 'default')}: "
+            "pvgrub_legacy_sources must be a directory on this machine or an "
+            f"http:// or https:// URL, not {sources!r}."
+        )
+
+
+def _resolve_paths(settings: Settings, root: Path) -> None:
+    """Controller paths as absolute paths: relative ones count from pvlab.yml's
+    directory, so Ansible, which runs elsewhere, finds the same files."""
+    for name in _CONTROLLER_PATHS:
+        value = getattr(settings, name)
+        if not value or "://" in value:
+            continue
+        setattr(settings, name, str((root / Path(value).expanduser()).resolve()))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -244,6 +301,7 @@ def load(
 
     settings = dataclasses.replace(Settings(), **values)
     settings.sources = sources
+    _resolve_paths(settings, root)
     _validate(settings)
     return settings
 

@@ -173,6 +173,8 @@ def _guests(s, host: str | None = None, inventory: str | None = None):
         "mac": "Guest MAC address (default: random in Xen's 00:16:3e range).",
         "pvgrub_variant": "auto (from the image's layout), hd0 (unpartitioned "
         "volume) or hd00 (partitioned).",
+        "pvgrub": "PV-GRUB to boot with: legacy (GRUB 0.97, what EC2 runs) or "
+        "pvgrub2 (default: setting pvgrub_flavor).",
         "force": "Boot even when the check finds errors (to reproduce EC2's failure).",
         "paused": "Create the guest paused and return (for `invoke gdb`, which "
         "then attaches where it stands).",
@@ -198,6 +200,7 @@ def boot(
     memory=None,
     mac=None,
     pvgrub_variant="auto",
+    pvgrub=None,
     force=False,
     paused=False,
     debug=False,
@@ -229,9 +232,11 @@ def boot(
         )
     if not image:
         raise PvlabError("give the boot volume to boot with --image PATH.")
+    if pvgrub not in (None, "legacy", "pvgrub2"):
+        raise PvlabError(f"--pvgrub must be legacy or pvgrub2, not {pvgrub!r}.")
     if memory is not None and not str(memory).isdigit():
         raise PvlabError(f"--memory must be a number of MiB, not {memory!r}.")
-    s = _settings(instance_type=instance_type)
+    s = _settings(instance_type=instance_type, pvgrub_flavor=pvgrub)
     code = boot_image(
         s,
         Path(image),
@@ -332,8 +337,9 @@ def boot_image(
         if paused:
             progress(f"{name} created paused; attach with `invoke gdb --name {name}`")
             return 0
+        pvgrub = "legacy PV-GRUB" if spec.pvgrub_flavor == "legacy" else "PV-GRUB 2"
         progress(
-            f"booting {name} under PV-GRUB {spec.pvgrub_variant} (console below, "
+            f"booting {name} under {pvgrub} {spec.pvgrub_variant} (console below, "
             f"also in {log_file})"
         )
         log_file.unlink(missing_ok=True)

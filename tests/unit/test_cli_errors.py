@@ -66,6 +66,7 @@ def test_missing_or_wrong_arguments_are_one_sentence(args, fragment):
     (["--memory", "lots"], "--memory must be a number"),
     (["--mac", "00:16:3e:zz:00:01"], "is malformed"),
     (["--mac", "01:00:5e:00:00:01"], "multicast"),
+    (["--pvgrub", "grub3"], "--pvgrub must be legacy or pvgrub2"),
 ])
 def test_bad_boot_options_are_refused_before_anything_is_created(
     volume, extra, fragment

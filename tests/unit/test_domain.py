@@ -152,6 +152,9 @@ gone
 00:16:3e:00:00:02,198.19.0.4,gone
 @info
 free_memory            : 900
+@pvgrub
+pvgrub2-x86_64-hd0.elf
+pvgrub2-x86_64-hd00.elf
 """
 
 

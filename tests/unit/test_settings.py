@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pvlab import settings
@@ -61,3 +63,47 @@ def test_bad_number_and_choice_are_one_sentence(tmp_path):
 def test_unknown_environment_variable_is_refused(tmp_path):
     with pytest.raises(SettingsError, match="PVLAB_BOGUS names no setting"):
         load(tmp_path, environ={"PVLAB_BOGUS": "1"})
+
+
+def test_legacy_pv_grub_settings_default_to_nothing_named(tmp_path):
+    s = load(tmp_path)
+    assert s.pvgrub_legacy_sources == ""
+    assert s.pvgrub_legacy_images == {}
+
+
+def test_one_prebuilt_legacy_image_serves_both_variants(tmp_path):
+    s = load(tmp_path, "pvgrub_legacy_image_hd00: images/pv-grub-x86_64.gz\n")
+    image = tmp_path / "images" / "pv-grub-x86_64.gz"
+    assert s.pvgrub_legacy_images == {"hd0": image, "hd00": image}
+    assert s.pvgrub_legacy_image_hd0 == ""
+
+
+def test_two_prebuilt_legacy_images_keep_their_variants(tmp_path):
+    s = load(
+        tmp_path,
+        environ={
+            "PVLAB_PVGRUB_LEGACY_IMAGE_HD0": "/srv/hd0.gz",
+            "PVLAB_PVGRUB_LEGACY_IMAGE_HD00": "/srv/hd00.gz",
+        },
+    )
+    assert s.pvgrub_legacy_images == {
+        "hd0": Path("/srv/hd0.gz"),
+        "hd00": Path("/srv/hd00.gz"),
+    }
+
+
+def test_legacy_sources_directory_is_made_absolute_from_the_settings_file(tmp_path):
+    s = load(tmp_path, "pvgrub_legacy_sources: extfiles\n")
+    assert s.pvgrub_legacy_sources == str(tmp_path / "extfiles")
+    assert not s.pvgrub_legacy_sources_is_url
+
+
+def test_legacy_sources_url_is_kept_as_given(tmp_path):
+    s = load(tmp_path, overrides={"pvgrub_legacy_sources": "http://198.18.0.1:8080/x"})
+    assert s.pvgrub_legacy_sources == "http://198.18.0.1:8080/x"
+    assert s.pvgrub_legacy_sources_is_url
+
+
+def test_legacy_sources_of_another_scheme_are_refused(tmp_path):
+    with pytest.raises(SettingsError, match="must be a directory on this machine"):
+        load(tmp_path, "pvgrub_legacy_sources: ftp://example.invalid/extfiles\n")
