@@ -98,8 +98,13 @@ def ensure_box(settings: Settings, progress=log.info) -> None:
 
 
 def run_playbook(
-    dom0: Dom0, settings: Settings, playbook: Path = PLAYBOOK, progress=log.info
+    dom0: Dom0,
+    settings: Settings,
+    playbook: Path = PLAYBOOK,
+    progress=log.info,
+    quiet: bool = False,
 ) -> Recap:
+    """Apply the playbook; its output streams, or with quiet shows only on failure."""
     inventory = dom0.ansible_inventory()
     vars_file = dom0.state_dir / "pvlab-ansible.json"
     vars_file.write_text(json.dumps(extra_vars(settings, progress), indent=2))
@@ -113,17 +118,22 @@ def run_playbook(
     ]
     log.debug("run: %s", " ".join(argv))
     recap = None
+    held: list[str] = []
     with subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
-            print(line, end="", flush=True)
+            if quiet:
+                held.append(line)
+            else:
+                print(line, end="", flush=True)
             match = RECAP_RE.match(line.strip())
             if match:
                 recap = Recap(*(int(g) for g in match.groups()[1:]))
         code = proc.wait()
     if code != 0 or recap is None or recap.failed or recap.unreachable:
+        print("".join(held), end="", flush=True)
         raise VmError(
             "provisioning dom0 failed (the failing task is printed above); fix it "
             "and run `invoke provision` again, it resumes where it stopped."
@@ -138,7 +148,7 @@ def _ansible_playbook() -> str:
     return str(beside) if beside.exists() else "ansible-playbook"
 
 
-def provision(settings: Settings, progress=log.info) -> Recap:
+def provision(settings: Settings, progress=log.info, quiet: bool = False) -> Recap:
     started = time.monotonic()
     progress("checking the host")
     host.prepare(settings, progress)
@@ -153,7 +163,7 @@ def provision(settings: Settings, progress=log.info) -> Recap:
     else:
         dom0.write_vagrant_settings()
     progress("applying the Ansible roles to dom0")
-    recap = run_playbook(dom0, settings, progress=progress)
+    recap = run_playbook(dom0, settings, progress=progress, quiet=quiet)
     progress(
         f"dom0 provisioned: {recap.ok} ok, {recap.changed} changed "
         f"({time.monotonic() - started:.0f} s)"

@@ -188,6 +188,7 @@ class Dom0:
         """Copy a file into dom0 (as root), streaming it through SSH."""
         remote_q = shlex.quote(remote)
         cmd = f"sudo sh -c 'cat > {remote_q}.part && mv {remote_q}.part {remote_q}'"
+        log.debug("copy %s to dom0:%s", local, remote)
         with local.open("rb") as source:
             result = subprocess.run(
                 self.ssh_argv(cmd), stdin=source, capture_output=True
@@ -229,6 +230,7 @@ def stream(
     With squash_progress, Vagrant's redrawn `Progress: N%` bar becomes one line
     per ten percent, readable in a CI log.
     """
+    log.debug("run: %s", shlex.join(argv))
     shown = -10
     pending = b""
     with subprocess.Popen(
