@@ -685,12 +685,32 @@ def _pytest(args: list[str]) -> int:
     return 1 if code else 0
 
 
+@pvtask(
+    help={
+        "name": "Guest the report is about; it may have stopped or never started.",
+        "output": "Where to write the tar.gz: a file, or a directory for the default "
+        "name (default: pvlab-report-NAME-<UTC time>.tar.gz here).",
+    }
+)
+def report(c, name=None, output=None):
+    """Bundle the logs and state a bug report on a guest needs into one tar.gz."""
+    from pvlab import report as report_mod
+
+    if not name:
+        raise PvlabError("name the guest to report on with --name NAME (see `invoke list`).")
+    domain.validate_name(name)
+    s = _settings()
+    path, entries = report_mod.build(_guests(s), s, name, output, progress)
+    noted = sum(bool(e.note) for e in entries)
+    say(f"report on {name} in {path}: {len(entries)} files, {noted} with a note "
+        "(see its README.txt)")
+
+
 @pvtask()
 def settings(c):
     """Print the effective settings and where each value comes from."""
-    s = _settings()
-    for key, value in s.as_dict().items():
-        print(f"{key:26} {str(value):40} {s.sources.get(key, 'default')}")
+    for line in _settings().describe():
+        print(line)
 
 
 @pvtask()
@@ -739,5 +759,5 @@ def clean(c, stale=False, cache=False):
 
 ns = Collection(
     host, box, provision, check, boot, destroy, list_, metadata, gdb, core, demo,
-    test, settings, halt, clean,
+    test, settings, halt, clean, report,
 )
