@@ -29,6 +29,7 @@ from pvlab.settings import PROJECT_ROOT, Settings
 log = logging.getLogger(__name__)
 
 XEN_LOG_DIR = "/var/log/xen"
+HOTPLUG_SCRIPTS = "/etc/xen/scripts"
 IMDS_UNIT = "pvlab-imds"
 JOURNAL_LINES = 500
 COMMAND_TIMEOUT = 120
@@ -173,6 +174,13 @@ def _xen_logs(c: Collector, name: str) -> list[Entry]:
     entries.append(
         c.command("logs/xen-hotplug.log", f"cat {XEN_LOG_DIR}/xen-hotplug.log")
     )
+    # Xen's hotplug scripts, metadata-fake among them, log through the system
+    # logger as "daemon" lines that start with the script's path.
+    entries.append(c.command(
+        "logs/hotplug-syslog.txt",
+        f"journalctl --no-pager -q SYSLOG_FACILITY=3 | grep -F {HOTPLUG_SCRIPTS}/ "
+        f"| tail -n {JOURNAL_LINES}",
+    ))
     return entries
 
 

@@ -56,7 +56,8 @@ def test_report_on_a_paused_guest_holds_its_logs_and_config(
     assert {
         "README.txt", "xen/xl-info.txt", "xen/xl-list.txt", "xen/xl-dmesg.txt",
         f"xen/xl-list-l-{GUEST}.json", f"logs/xl-{GUEST}.log",
-        "logs/xen-hotplug.log", "imds/journal.txt", f"guest/files/{GUEST}.cfg",
+        "logs/xen-hotplug.log", "logs/hotplug-syslog.txt", "imds/journal.txt",
+        f"guest/files/{GUEST}.cfg",
         "network/iptables-nat.txt", "network/ip-addr.txt", "pvlab/settings.txt",
         "pvlab/version.txt",
     } <= set(files), sorted(files)
@@ -66,6 +67,9 @@ def test_report_on_a_paused_guest_holds_its_logs_and_config(
     assert details["config"]["c_info"]["name"] == GUEST
     assert f'name = "{GUEST}"'.encode() in files[f"guest/files/{GUEST}.cfg"]
     assert b"xenbr0" in files["network/ip-addr.txt"]
+    # Its vif's hotplug run, with the DNAT rule metadata-fake added for it.
+    assert b"/etc/xen/scripts/metadata-fake" in files["logs/hotplug-syslog.txt"]
+    assert b"pvlab-imds vif" in files["network/iptables-nat.txt"]
     assert "guest/files/boot-vol.img" not in files
     readme = files["README.txt"].decode()
     assert "guest/files/boot-vol.img  (not in the tarball)" in readme

@@ -55,6 +55,9 @@ def running_guest() -> dict[str, tuple[int, bytes, bytes]]:
         f"cat {logs}/xl-{NAME}.log": ok("Waiting for domain web1 (domid 3)\n"),
         f"cat {logs}/qemu-dm-{NAME}.log": ok("qdisk backend\n"),
         f"cat {logs}/xen-hotplug.log": ok("RTNETLINK answers: ok\n"),
+        "journalctl --no-pager -q SYSLOG_FACILITY=3": ok(
+            "root[2276]: /etc/xen/scripts/metadata-fake: online type_if=vif\n"
+        ),
         "python3 /opt/pvlab/imds.py log": ok(REQUEST_LOG),
         "journalctl -u pvlab-imds": ok("pvlab-imds: serving on 198.19.0.1:80\n"),
         "if [ -d": ok("1073741824 boot-vol.img\n312 web1.cfg\n90 debug.json\n"
@@ -135,7 +138,7 @@ def test_report_of_a_running_guest_holds_every_piece(tmp_path, settings):
         "xen/xl-info.txt", "xen/xl-list.txt", "xen/xl-dmesg.txt",
         f"xen/xl-list-l-{NAME}.json",
         f"logs/xl-{NAME}.log", f"logs/xl-{NAME}.log.1", f"logs/qemu-dm-{NAME}.log",
-        "logs/xen-hotplug.log",
+        "logs/xen-hotplug.log", "logs/hotplug-syslog.txt",
         "guest/console.log",
         "imds/requests.jsonl", "imds/journal.txt",
         f"guest/files/{NAME}.cfg", "guest/files/debug.json",
@@ -160,6 +163,8 @@ def test_readme_names_the_command_behind_each_file(tmp_path, settings):
         ("xen/xl-dmesg.txt", "dom0: xl dmesg"),
         (f"xen/xl-list-l-{NAME}.json", f"dom0: xl list -l {NAME}"),
         ("logs/xen-hotplug.log", "dom0: cat /var/log/xen/xen-hotplug.log"),
+        ("logs/hotplug-syslog.txt", "dom0: journalctl --no-pager -q "
+         "SYSLOG_FACILITY=3 | grep -F /etc/xen/scripts/ | tail -n 500"),
         ("imds/journal.txt", "dom0: journalctl -u pvlab-imds --no-pager -n 500"),
         ("network/iptables-nat.txt", "dom0: iptables-save -t nat"),
         ("guest/console.log", f"host: {settings.cache_dir}/logs/{NAME}-console.log"),
