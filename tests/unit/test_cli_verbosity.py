@@ -24,7 +24,7 @@ CONFIG = PROJECT_ROOT / "tests" / "fixtures" / "aws-test.conf"
 def invoke(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "invoke", *args],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
 
 
@@ -32,7 +32,7 @@ def pvlab(*args: str) -> subprocess.CompletedProcess:
     # The same entry point as the installed `pvlab` console script.
     return subprocess.run(
         [sys.executable, "-c", "from pvlab.cli import main; main()", *args],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
 
 
@@ -125,10 +125,8 @@ def test_quiet_and_verbose_together_are_one_sentence(run, args):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [l for l in result.stderr.splitlines() if l.startswith("pvlab: error:")]
-    assert errors == [
-        "pvlab: error: -q/--quiet and -v/--verbose exclude each other; give one of "
-        "them."
-    ]
+    sentence = "-q/--quiet and -v/--verbose exclude each other; give one of them."
+    assert errors == [f"pvlab: error: {sentence}"]
     assert result.stdout == ""
 
 
