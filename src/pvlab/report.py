@@ -84,7 +84,11 @@ class Collector:
     unreachable: str = ""
 
     def piece(
-        self, member: str, source: str, produce: Callable[[], bytes], in_dom0=True
+        self,
+        member: str,
+        source: str,
+        produce: Callable[[], bytes],
+        in_dom0: bool = True,
     ) -> Entry:
         entry = Entry(member, source)
         if in_dom0 and self.unreachable:
@@ -100,7 +104,9 @@ class Collector:
         except PvlabError as exc:
             entry.note = str(exc)
         except subprocess.TimeoutExpired:
-            entry.note = f"not collected: no answer within {COMMAND_TIMEOUT} s"
+            # A dom0 this slow would hold every other piece up as long.
+            self.unreachable = f"dom0 gave no answer within {COMMAND_TIMEOUT} s"
+            entry.note = f"not collected: {self.unreachable}"
         except OSError as exc:
             entry.note = f"not collected: {exc.strerror or exc}"
         return entry

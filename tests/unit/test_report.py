@@ -222,6 +222,28 @@ def test_unreachable_dom0_is_tried_once_and_noted_for_each_piece(tmp_path, setti
     )
 
 
+def test_a_dom0_that_stops_answering_is_not_waited_for_again(tmp_path, settings):
+    dom0 = FakeDom0(running_guest())
+    answered = dom0.run
+
+    def hang_at_dmesg(command, **kw):
+        if command == "xl dmesg":
+            dom0.commands.append(command)
+            raise subprocess.TimeoutExpired(command, report.COMMAND_TIMEOUT)
+        return answered(command, **kw)
+
+    dom0.run = hang_at_dmesg
+
+    _, entries = make_report(tmp_path, settings, dom0)
+
+    assert dom0.commands == ["xl info", "xl list", "xl dmesg"]
+    notes = {e.member: e.note for e in entries}
+    assert notes["xen/xl-dmesg.txt"] == (
+        f"not collected: dom0 gave no answer within {report.COMMAND_TIMEOUT} s"
+    )
+    assert notes["network/ip-addr.txt"].startswith("not collected: dom0 gave no")
+
+
 def test_a_failing_command_keeps_its_output_and_says_why(tmp_path, settings):
     answers = running_guest()
     answers["xl dmesg"] = (1, b"(XEN) partial\n", b"xl: cannot read the ring\n")
