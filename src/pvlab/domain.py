@@ -471,6 +471,7 @@ class Guests:
             )
         failure: list[str] = []
         argv = self.dom0.ssh_argv(f"sudo sh -c {shlex.quote(remote)}", tty=True)
+        log.debug("dom0: %s", remote)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with subprocess.Popen(
             argv,

@@ -276,8 +276,10 @@ def run_playbook(
     *,
     inventory: Path | None = None,
     apt_proxy: bool = True,
+    quiet: bool = False,
 ) -> Recap:
-    """Apply the playbook to the Vagrant VM, or to the hosts of an inventory."""
+    """Apply the playbook to the Vagrant VM, or to the hosts of an inventory; its
+    output streams, or with quiet shows only on failure."""
     if inventory is None:
         assert dom0 is not None
         inventory = dom0.ansible_inventory()
@@ -304,8 +306,9 @@ def run_playbook(
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
-            print(line, end="", flush=True)
             output.append(line)
+            if not quiet:
+                print(line, end="", flush=True)
             match = RECAP_RE.match(line.strip())
             if match:
                 # One recap line per host: the play's recap is their sum.
@@ -316,6 +319,8 @@ def run_playbook(
                 recap = Recap(*counts)
         code = proc.wait()
     if code != 0 or recap is None or recap.failed or recap.unreachable:
+        if quiet:
+            print("".join(output), end="", flush=True)
         message = settings_failure(output)
         if message:
             raise SettingsError(message)
@@ -388,7 +393,7 @@ def _address_in(address: str, network: ipaddress.IPv4Network) -> bool:
         return False
 
 
-def provision(settings: Settings, progress=log.info) -> Recap:
+def provision(settings: Settings, progress=log.info, quiet: bool = False) -> Recap:
     started = time.monotonic()
     # Before anything is created: a bad provider, box, image or setting stops
     # here, not halfway.
@@ -418,7 +423,7 @@ def provision(settings: Settings, progress=log.info) -> Recap:
     else:
         dom0.write_vagrant_settings()
     progress("applying the Ansible roles to dom0")
-    recap = run_playbook(dom0, settings, progress=progress)
+    recap = run_playbook(dom0, settings, progress=progress, quiet=quiet)
     progress(
         f"dom0 provisioned: {recap.ok} ok, {recap.changed} changed "
         f"({time.monotonic() - started:.0f} s)"

@@ -124,6 +124,13 @@ class Settings:
             f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"
         }
 
+    def describe(self) -> list[str]:
+        """One line per setting: its name, its value and where the value comes from."""
+        return [
+            f"{key:26} {str(value):40} {self.sources.get(key, 'default')}"
+            for key, value in self.as_dict().items()
+        ]
+
 
 _CHOICES = {
     "provider": ("libvirt", "virtualbox"),

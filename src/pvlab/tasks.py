@@ -1,11 +1,13 @@
 """The Invoke tasks: thin wrappers that parse options and call the pvlab modules.
 
-Every task turns a PvlabError into one line on stderr and a non-zero exit.
+Every task takes -q/--quiet and -v/--verbose, and turns a PvlabError into one line
+on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -14,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from invoke import Collection, Exit, task
+from invoke import Collection, Exit, Task, task
 
 from pvlab import domain
 from pvlab import settings as settings_mod
@@ -24,37 +26,121 @@ from pvlab.settings import PROJECT_ROOT
 log = logging.getLogger("pvlab")
 _STARTED = time.monotonic()
 
+QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
+VERBOSITY_HELP = {
+    "quiet": "Print no progress lines, only results, warnings and errors.",
+    "verbose": "Show every command run (ssh, xl, ansible, ...) and a traceback on "
+    "errors.",
+}
+SHORT_FLAGS = {"quiet": "q", "verbose": "v"}
+# Chosen by `pvlab -q`/`pvlab -v` for the tasks of that run. Kept in this process
+# rather than in the environment, so that commands a task starts (pytest, and
+# the `invoke` runs of the tests) keep their own default.
+_global_verbosity = NORMAL
+# Of the task that runs now; progress() and say() read it.
+_verbosity = NORMAL
+
 
 def progress(message: str) -> None:
     """One line per user-visible step, with the time since the task started."""
+    if _verbosity == QUIET:
+        return
     elapsed = time.monotonic() - _STARTED
     print(f"pvlab [{elapsed:6.0f}s] {message}", flush=True)
 
 
-def _setup_logging(verbose: bool) -> None:
-    level = logging.DEBUG if verbose or os.environ.get("PVLAB_LOG") == "debug" else (
-        logging.INFO
+def say(message: str) -> None:
+    """A line that matters even under --quiet: a task's result, or a warning."""
+    if _verbosity == QUIET:
+        print(f"pvlab: {message}", flush=True)
+    else:
+        progress(message)
+
+
+def choose_verbosity(quiet: bool, verbose: bool, default: str = NORMAL) -> str:
+    """The verbosity flags given on the command line, or the default."""
+    if quiet and verbose:
+        raise PvlabError(
+            "-q/--quiet and -v/--verbose exclude each other; give one of them."
+        )
+    if quiet:
+        return QUIET
+    if verbose:
+        return VERBOSE
+    return default
+
+
+def set_global_verbosity(quiet: bool, verbose: bool) -> None:
+    """Apply `pvlab -q`/`pvlab -v` to every task of this run."""
+    global _global_verbosity
+    _global_verbosity = choose_verbosity(quiet, verbose)
+
+
+def _begin_task(quiet: bool, verbose: bool) -> None:
+    global _verbosity
+    default = VERBOSE if os.environ.get("PVLAB_LOG") == "debug" else NORMAL
+    _verbosity = choose_verbosity(
+        quiet or _global_verbosity == QUIET,
+        verbose or _global_verbosity == VERBOSE,
+        default,
     )
-    logging.basicConfig(level=level, format="pvlab: %(message)s", stream=sys.stderr)
+    level = {QUIET: logging.WARNING, NORMAL: logging.INFO, VERBOSE: logging.DEBUG}
+    # Only pvlab's loggers follow the flags; other libraries stay at WARNING.
+    logging.basicConfig(
+        level=logging.WARNING, format="pvlab: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("pvlab").setLevel(level[_verbosity])
+
+
+def is_quiet() -> bool:
+    return _verbosity == QUIET
+
+
+class PvTask(Task):
+    """A task whose -q and -v always mean --quiet and --verbose, also in a task
+    without generated short flags, and are never given to another option."""
+
+    def arg_opts(self, name, default, taken_names):
+        if name in SHORT_FLAGS:
+            opts = super().arg_opts(name, default, taken_names)
+            opts["names"] = [name, SHORT_FLAGS[name]]
+            return opts
+        return super().arg_opts(name, default, taken_names | set(SHORT_FLAGS.values()))
+
+
+def _with_verbosity_flags(signature: inspect.Signature) -> inspect.Signature:
+    params = list(signature.parameters.values())
+    clash = [p.name for p in params if p.name in SHORT_FLAGS]
+    if clash:
+        raise TypeError(f"pvtask adds {clash[0]} itself; remove the parameter.")
+    flags = [
+        inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False)
+        for n in SHORT_FLAGS
+    ]
+    return signature.replace(parameters=[*params, *flags])
 
 
 def pvtask(*args, **kwargs):
-    """invoke.task whose PvlabErrors end as one sentence and exit status 1."""
+    """invoke.task that adds -q/--quiet and -v/--verbose to the task's options, and
+    whose PvlabErrors end as one sentence and exit status 1."""
 
     def decorate(func):
         @functools.wraps(func)
-        def wrapper(c, *a, **kw):
-            _setup_logging(kw.get("verbose", False))
+        def wrapper(c, *a, quiet=False, verbose=False, **kw):
             try:
+                _begin_task(quiet, verbose)
                 return func(c, *a, **kw)
             except PvlabError as exc:
-                if kw.get("verbose"):
+                if _verbosity == VERBOSE:
                     log.exception("details")
                 raise Exit(f"pvlab: error: {exc}", code=exc.exit_code) from None
             except KeyboardInterrupt:
                 raise Exit("pvlab: interrupted.", code=130) from None
 
-        return task(*args, **kwargs)(wrapper)
+        # Invoke reads a task's options from its signature and help.
+        wrapper.__signature__ = _with_verbosity_flags(inspect.signature(func))
+        kwargs["help"] = {**kwargs.get("help", {}), **VERBOSITY_HELP}
+        return task(*args, klass=PvTask, **kwargs)(wrapper)
 
     return decorate
 
@@ -86,18 +172,18 @@ HOST_HELP = {
 }
 
 
-@pvtask(help={"verbose": "Show every command run."})
-def host(c, verbose=False):
+@pvtask()
+def host(c):
     """Check and set up the host: packages, libvirt daemons, VM network, apt cache."""
     from pvlab import host as host_mod
 
     s = _settings()
     host_mod.prepare(s, progress)
-    progress(f"host ready; dom0 will run under {host_mod.detect_accel(s.accel)}")
+    say(f"host ready; dom0 will run under {host_mod.detect_accel(s.accel)}")
 
 
-@pvtask(help={"verbose": "Show every command run."})
-def box(c, verbose=False):
+@pvtask()
+def box(c):
     """Build the Debian 12 base box from Debian packages (cached); add it to Vagrant."""
     from pvlab import host as host_mod
     from pvlab import provision as prov
@@ -105,7 +191,7 @@ def box(c, verbose=False):
     s = _settings()
     host_mod.ensure_packages(progress)
     prov.ensure_box(s, progress)
-    progress(f"box {s.box_name} ready")
+    say(f"box {s.box_name} ready")
 
 
 @pvtask(
@@ -114,10 +200,9 @@ def box(c, verbose=False):
         "cpus": "vCPUs of the dom0 VM (setting vm_cpus).",
         "inventory": "Apply the roles to the [xen_hosts] of this Ansible inventory "
         "over SSH instead of the Vagrant VM (never this machine itself).",
-        "verbose": "Show every command run.",
     }
 )
-def provision(c, memory=None, cpus=None, inventory=None, verbose=False):
+def provision(c, memory=None, cpus=None, inventory=None):
     """Create or update the Xen dom0 VM: host check, box, vagrant up, Ansible roles."""
     from pvlab import provision as prov
 
@@ -125,7 +210,7 @@ def provision(c, memory=None, cpus=None, inventory=None, verbose=False):
     if inventory:
         prov.provision_inventory(s, Path(inventory), progress)
         return
-    prov.provision(s, progress)
+    prov.provision(s, progress, quiet=is_quiet())
 
 
 @pvtask(
@@ -141,7 +226,7 @@ def check(c, image=None, pvgrub_variant="auto", flavor="legacy"):
         raise PvlabError("give the boot volume to inspect with --image PATH.")
     findings = _check_image(Path(image), pvgrub_variant, flavor)
     errors = sum(f.is_error for f in findings)
-    progress(f"{image}: {errors} errors, {len(findings) - errors} warnings")
+    say(f"{image}: {errors} errors, {len(findings) - errors} warnings")
     if errors:
         raise Exit(code=1)
 
@@ -184,7 +269,6 @@ def _guests(s, host: str | None = None, inventory: str | None = None):
         "ELF (or gzip'd ELF) kernel.",
         "keep": "Keep the guest when the console is interrupted.",
         **HOST_HELP,
-        "verbose": "Show every command run.",
     },
     iterable=["env"],
 )
@@ -207,7 +291,6 @@ def boot(
     keep=False,
     host=None,
     inventory=None,
-    verbose=False,
 ):
     """Boot an AWS-style boot volume under PV-GRUB in dom0 and stream its console."""
     vcpus = None
@@ -320,7 +403,7 @@ def boot_image(
         volume, Path(s.cache_dir) / "images", spin=debug
     )
     if debug_boot.refusal:
-        progress(f"note: {debug_boot.refusal}")
+        say(f"note: {debug_boot.refusal}")
     spec.image = debug_boot.image
     try:
         guests.prepare(spec, progress, files=debug_boot.record_file(spec.guest_dir))
@@ -328,14 +411,14 @@ def boot_image(
             guests.create_paused(spec)
             created = True
         if debug_boot.spin:
-            progress(
+            say(
                 f"{name} created paused, its kernel to spin at its entry "
                 f"{debug_boot.spin.entry:#x}; `invoke gdb --name {name} --program "
                 "PROGRAM` boots it and stops there"
             )
             return 0
         if paused:
-            progress(f"{name} created paused; attach with `invoke gdb --name {name}`")
+            say(f"{name} created paused; attach with `invoke gdb --name {name}`")
             return 0
         pvgrub = "legacy PV-GRUB" if spec.pvgrub_flavor == "legacy" else "PV-GRUB 2"
         progress(
@@ -350,15 +433,13 @@ def boot_image(
         except domain.CreateError:
             created = False
             raise
-        progress(f"{name} has stopped (console exit status {code})")
+        say(f"{name} has stopped (console exit status {code})")
         return 0
     except KeyboardInterrupt:
         if keep and created:
-            progress(
-                f"interrupted; {name} keeps running (`invoke destroy --name {name}`)"
-            )
+            say(f"interrupted; {name} keeps running (`invoke destroy --name {name}`)")
             return 130
-        progress(f"interrupted; destroying {name}")
+        say(f"interrupted; destroying {name}")
         raise
     finally:
         debug_boot.discard()
@@ -387,9 +468,8 @@ def _unused_mac(survey, s) -> str:
     raise PvlabError("no free guest address left on the bridge; destroy some guests.")
 
 
-@pvtask(help={"name": "Guest to destroy.", **HOST_HELP,
-              "verbose": "Show every command run."})
-def destroy(c, name=None, host=None, inventory=None, verbose=False):
+@pvtask(help={"name": "Guest to destroy.", **HOST_HELP})
+def destroy(c, name=None, host=None, inventory=None):
     """Destroy a guest and remove its DNAT rule, metadata and files from dom0."""
     if not name:
         raise PvlabError(
@@ -398,9 +478,7 @@ def destroy(c, name=None, host=None, inventory=None, verbose=False):
     s = _settings()
     domain.validate_name(name)
     ran = _guests(s, host, inventory).destroy(name)
-    progress(
-        f"{name} destroyed" if ran else f"{name} was not running; leftovers removed"
-    )
+    say(f"{name} destroyed" if ran else f"{name} was not running; leftovers removed")
 
 
 @pvtask(
@@ -415,7 +493,6 @@ def destroy(c, name=None, host=None, inventory=None, verbose=False):
         "clear_events": "Withdraw the announced events.",
         "import_": "Replay a meta-data tree captured on EC2 "
         "(JSON from scripts/imds-capture.py).",
-        "verbose": "Show every command run.",
     }
 )
 def metadata(
@@ -427,7 +504,6 @@ def metadata(
     scheduled_event=None,
     clear_events=False,
     import_=None,
-    verbose=False,
 ):
     """Inspect or change what the metadata service tells a guest."""
     if not name:
@@ -459,14 +535,14 @@ def metadata(
             print(_format_request(line))
     elif clear_events:
         print(guests.imds("event", name, "--clear"), end="")
-        progress(f"{name}: events withdrawn")
+        say(f"{name}: events withdrawn")
     elif spot_interruption:
         print(guests.imds("event", name, "--spot-interruption", spot_interruption),
               end="")
-        progress(f"{name}: spot/instance-action now announces {spot_interruption}")
+        say(f"{name}: spot/instance-action now announces {spot_interruption}")
     else:
         print(guests.imds("event", name, "--scheduled-event", scheduled_event), end="")
-        progress(f"{name}: events/maintenance/scheduled now lists {scheduled_event}")
+        say(f"{name}: events/maintenance/scheduled now lists {scheduled_event}")
 
 
 def _format_request(line: str) -> str:
@@ -496,7 +572,6 @@ def _format_request(line: str) -> str:
         "core": "Open a core from `invoke core` instead of a live guest.",
         "timeout": "Seconds to wait for the kernel to reach its entry, and the "
         "longest a --batch session may run (default 300 each).",
-        "verbose": "Show every command run.",
     },
     iterable=["break_", "ex"],
     # Invoke's generated one-letter flags would be arbitrary for this many options.
@@ -514,7 +589,6 @@ def gdb(
     on_host=False,
     core=None,
     timeout=None,
-    verbose=False,
 ):
     """Debug a guest's kernel with gdb through gdbsx in dom0.
 
@@ -566,10 +640,9 @@ def gdb(
     help={
         "name": "Guest whose memory to dump.",
         "output": "Where to write the core on this host (default NAME.core).",
-        "verbose": "Show every command run.",
     }
 )
-def core(c, name=None, output=None, verbose=False):
+def core(c, name=None, output=None):
     """Dump a guest's memory and vCPU state with `xl dump-core` onto this host."""
     from pvlab import debug as debug_mod
 
@@ -578,12 +651,12 @@ def core(c, name=None, output=None, verbose=False):
     domain.validate_name(name)
     path = Path(output or f"{name}.core")
     debug_mod.dump_core(_dom0(_settings()), name, path, progress)
-    progress(f"core of {name} in {path}; open it with `invoke gdb --core {path} "
-             "--program PROGRAM`")
+    say(f"core of {name} in {path}; open it with `invoke gdb --core {path} "
+        "--program PROGRAM`")
 
 
-@pvtask(name="list", help={**HOST_HELP, "verbose": "Show every command run."})
-def list_(c, host=None, inventory=None, verbose=False):
+@pvtask(name="list", help={**HOST_HELP})
+def list_(c, host=None, inventory=None):
     """List the guest domains running in dom0."""
     s = _settings()
     domains = _guests(s, host, inventory).list()
@@ -597,10 +670,9 @@ def list_(c, host=None, inventory=None, verbose=False):
 @pvtask(
     help={
         "keep_vm": "Leave the dom0 VM running afterwards (default: leave it).",
-        "verbose": "Show every command run.",
     }
 )
-def demo(c, keep_vm=True, verbose=False):
+def demo(c, keep_vm=True):
     """The whole chain on a sample image: provision, build it, boot, read user-data."""
     from pvlab import provision as prov
     from pvlab import sample
@@ -614,7 +686,7 @@ def demo(c, keep_vm=True, verbose=False):
         timings[label] = time.monotonic() - started
         return result
 
-    step("provision", lambda: prov.provision(s, progress))
+    step("provision", lambda: prov.provision(s, progress, quiet=is_quiet()))
     progress("building the sample AWS-style boot volume")
     image = step(
         "sample image",
@@ -631,7 +703,7 @@ def demo(c, keep_vm=True, verbose=False):
     )
     print()
     for label, seconds in timings.items():
-        progress(f"time: {label:20} {seconds:7.1f} s")
+        say(f"time: {label:20} {seconds:7.1f} s")
 
 
 @pvtask(
@@ -655,7 +727,7 @@ def test(c, tier=None, pytest_args="", no_provision=False):
             from pvlab import provision as prov
 
             progress("provisioning dom0 for the integration and e2e tiers")
-            prov.provision(_settings(), progress)
+            prov.provision(_settings(), progress, quiet=is_quiet())
         for name in ("integration", "e2e") if tier is None else (tier,):
             progress(f"tier {name}")
             failed |= _pytest(["-m", name, *extra])
@@ -671,16 +743,38 @@ def _pytest(args: list[str]) -> int:
     return 1 if code else 0
 
 
+@pvtask(
+    help={
+        "name": "Guest the report is about; it may have stopped or never started.",
+        "output": "Where to write the tar.gz: a file, or a directory for the default "
+        "name (default: pvlab-report-NAME-<UTC time>.tar.gz here).",
+    }
+)
+def report(c, name=None, output=None):
+    """Bundle the logs and state a bug report on a guest needs into one tar.gz."""
+    from pvlab import report as report_mod
+
+    if not name:
+        raise PvlabError(
+            "name the guest to report on with --name NAME (see `invoke list`)."
+        )
+    domain.validate_name(name)
+    s = _settings()
+    path, entries = report_mod.build(_guests(s), s, name, output, progress)
+    noted = sum(bool(e.note) for e in entries)
+    say(f"report on {name} in {path}: {len(entries)} files, {noted} with a note "
+        "(see its README.txt)")
+
+
 @pvtask()
 def settings(c):
     """Print the effective settings and where each value comes from."""
-    s = _settings()
-    for key, value in s.as_dict().items():
-        print(f"{key:26} {str(value):40} {s.sources.get(key, 'default')}")
+    for line in _settings().describe():
+        print(line)
 
 
-@pvtask(help={"verbose": "Show every command run."})
-def halt(c, verbose=False):
+@pvtask()
+def halt(c):
     """Shut the dom0 VM down (guests are destroyed with it)."""
     s = _settings()
     _dom0(s).halt()
@@ -691,10 +785,9 @@ def halt(c, verbose=False):
         "stale": "Only remove pvlab VMs that this checkout's Vagrant does not own "
         "(left by another checkout or a killed run).",
         "cache": "Also delete the caches (base box, images, apt cache).",
-        "verbose": "Show every command run.",
     }
 )
-def clean(c, stale=False, cache=False, verbose=False):
+def clean(c, stale=False, cache=False):
     """Remove what pvlab created: the dom0 VM, its libvirt network, the apt cache."""
     import shutil
 
@@ -721,10 +814,10 @@ def clean(c, stale=False, cache=False, verbose=False):
         shutil.rmtree(s.cache_dir, ignore_errors=True)
         subprocess.call(["vagrant", "box", "remove", "--force", s.box_name],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress("clean")
+    say("clean")
 
 
 ns = Collection(
     host, box, provision, check, boot, destroy, list_, metadata, gdb, core, demo,
-    test, settings, halt, clean,
+    test, settings, halt, clean, report,
 )

@@ -271,6 +271,7 @@ def stream(
     With squash_progress, Vagrant's redrawn `Progress: N%` bar becomes one line
     per ten percent, readable in a CI log.
     """
+    log.debug("run: %s", shlex.join(argv))
     shown = -10
     pending = b""
     with subprocess.Popen(
