@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pvlab import image, sample
+from pvlab import domain, image, instance_types, sample
 from pvlab.settings import PROJECT_ROOT
 
 PVKERNEL = PROJECT_ROOT / "tests" / "fixtures" / "pvkernel"
 
 
-def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def invoke(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `invoke ARGS` from the project root, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "invoke", *args],
@@ -22,7 +24,23 @@ def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
+
+
+def guest_spec(**overrides) -> domain.GuestSpec:
+    """A guest as `invoke boot` would describe it; overrides change any field."""
+    values = dict(
+        name="aws-test",
+        image=Path("boot-vol.img"),
+        instance_type=instance_types.lookup("t1.micro"),
+        memory=256,
+        mac="00:16:3e:58:88:57",
+        ip="198.19.136.89",
+        user_data=b"{}",
+    )
+    values.update(overrides)
+    return domain.GuestSpec(**values)
 
 
 def _load_pvkernel_build():

@@ -2,12 +2,16 @@
 PV-GRUB installed from prebuilt images or refused before anything is installed."""
 
 import dataclasses
+import gzip
 import hashlib
+from pathlib import Path
 
 import pytest
 
 from pvlab import provision
 from pvlab.errors import SettingsError
+
+from helpers import pvkernel
 
 PVGRUB_DIR = "/var/lib/pvlab/pvgrub"
 
@@ -42,6 +46,18 @@ def test_prebuilt_legacy_image_is_installed_byte_for_byte(
     assert installed.sha256sum == expected
 
 
+def pvgrub_only_playbook(tmp_path) -> Path:
+    playbook = tmp_path / "pvgrub.yml"
+    playbook.write_text(
+        "- name: Apply only the pvgrub role.\n"
+        "  hosts: xen_hosts\n"
+        "  become: true\n"
+        "  roles:\n"
+        "    - pvgrub\n"
+    )
+    return playbook
+
+
 def _dom0_state(host) -> tuple[str, str]:
     packages = host.check_output("dpkg-query -W -f '${Package} ${Version}\\n'")
     files = host.check_output(
@@ -62,14 +78,7 @@ def test_legacy_build_without_its_sources_stops_before_installing_anything(
         pvgrub_legacy_image_hd00="",
         pvgrub_legacy_sources=str(missing),
     )
-    playbook = tmp_path / "pvgrub.yml"
-    playbook.write_text(
-        "- name: Apply only the pvgrub role.\n"
-        "  hosts: xen_hosts\n"
-        "  become: true\n"
-        "  roles:\n"
-        "    - pvgrub\n"
-    )
+    playbook = pvgrub_only_playbook(tmp_path)
     before = _dom0_state(host)
     with pytest.raises(SettingsError) as error:
         provision.run_playbook(dom0_vm, settings, playbook=playbook)
@@ -81,3 +90,31 @@ def test_legacy_build_without_its_sources_stops_before_installing_anything(
     assert "mini-os-4.17" in message and "pvgrub_legacy_image_hd0" in message
     assert "\n" not in message and message.count(". ") == 0
     assert _dom0_state(host) == before
+
+
+def test_a_prebuilt_image_given_in_settings_is_installed_for_both_variants(
+    dom0_vm, host, pvlab_settings, tmp_path
+):
+    # No real pv-grub is at hand here: the PV test kernel (an x86_64 PV ELF with
+    # Xen notes, gzip'd like pv-grub-x86_64.gz) stands in for one, so this proves
+    # the check-and-install path, not GRUB legacy itself.
+    elf = pvkernel.build_pv_test_kernel(tmp_path / "build")
+    image = tmp_path / "pv-grub-x86_64.gz"
+    image.write_bytes(gzip.compress(elf.read_bytes(), mtime=0))
+    settings = dataclasses.replace(
+        pvlab_settings,
+        pvgrub_legacy_image_hd0=str(image),
+        pvgrub_legacy_image_hd00="",
+        pvgrub_legacy_sources="",
+    )
+    playbook = pvgrub_only_playbook(tmp_path)
+    try:
+        provision.run_playbook(dom0_vm, settings, playbook=playbook)
+
+        expected = hashlib.sha256(image.read_bytes()).hexdigest()
+        for variant in ("hd0", "hd00"):
+            installed = host.file(f"{PVGRUB_DIR}/legacy-x86_64-{variant}.gz")
+            assert installed.exists and installed.sha256sum == expected
+    finally:
+        host.run(f"rm -f {PVGRUB_DIR}/legacy-x86_64-hd0.gz "
+                 f"{PVGRUB_DIR}/legacy-x86_64-hd00.gz")

@@ -9,18 +9,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from pvlab.settings import PROJECT_ROOT
 
+import helpers
 
-def invoke(*args: str, cwd=PROJECT_ROOT, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120, env=env,
-    )
+
+def invoke(*args: str, env=None) -> subprocess.CompletedProcess:
+    return helpers.invoke(*args, timeout=120, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import pytest
 from pvlab.settings import PROJECT_ROOT
 from pvlab.tasks import ns
 
+import helpers
+
 pytestmark = pytest.mark.unit
 
 PROGRESS_LINE = re.compile(r"^pvlab \[\s*\d+s\] ", re.M)
@@ -22,10 +24,7 @@ CONFIG = PROJECT_ROOT / "tests" / "fixtures" / "aws-test.conf"
 
 
 def invoke(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )
+    return helpers.invoke(*args, timeout=120)
 
 
 def pvlab(*args: str) -> subprocess.CompletedProcess:

@@ -1,25 +1,14 @@
 import ipaddress
 import json
-from pathlib import Path
 
 import pytest
 
 from pvlab import domain, instance_types
 from pvlab.errors import DomainError, SettingsError, UserDataError
 
+from helpers import guest_spec
 
-def spec(**kw):
-    values = dict(
-        name="aws-test",
-        image=Path("boot-vol.img"),
-        instance_type=instance_types.lookup("t1.micro"),
-        memory=256,
-        mac="00:16:3e:58:88:57",
-        ip="198.19.136.89",
-        user_data=b"{}",
-    )
-    values.update(kw)
-    return domain.GuestSpec(**values)
+spec = guest_spec
 
 
 def test_xl_config_boots_pvgrub_with_the_metadata_hook():

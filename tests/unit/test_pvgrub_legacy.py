@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pvlab import domain, instance_types, provision, tasks
+from pvlab import domain, provision, tasks
 from pvlab import settings as settings_mod
 from pvlab.errors import DomainError, SettingsError
 
-from helpers import pvkernel
+from helpers import guest_spec, pvkernel
 
 pytestmark = pytest.mark.unit
 
@@ -165,19 +165,8 @@ def test_pvgrub2_flavor_builds_no_legacy_pv_grub(tmp_path):
 # ---------------------------------------------------------------- booting it
 
 
-def spec(**kw):
-    values = dict(
-        name="aws-test",
-        image=Path("boot-vol.img"),
-        instance_type=instance_types.lookup("t1.micro"),
-        memory=256,
-        mac="00:16:3e:58:88:57",
-        ip="198.19.136.89",
-        user_data=b"{}",
-        pvgrub_flavor="legacy",
-    )
-    values.update(kw)
-    return domain.GuestSpec(**values)
+def spec(**overrides):
+    return guest_spec(**{"pvgrub_flavor": "legacy", **overrides})
 
 
 @pytest.mark.parametrize(
