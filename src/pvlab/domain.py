@@ -417,8 +417,8 @@ class Guests:
         files: dict[str, str] | None = None,
     ) -> None:
         """Copy the volume, write the xl config (and any other files) and register
-        the guest, in one SSH round trip: the volume streams on stdin, the rest
-        travels in the command."""
+        the guest, in one SSH round trip: the volume streams on stdin as a sparse
+        tar, the rest travels in the command."""
         q = shlex.quote
         progress(
             f"copying {spec.image} into dom0 and registering {spec.name}: mac "
@@ -428,7 +428,8 @@ class Guests:
         files = {spec.config_path: render_xl_config(spec), **(files or {})}
         script = (
             f"set -e\nmkdir -p {q(spec.guest_dir)}\n"
-            f"cat > {q(spec.disk)}.part\nmv {q(spec.disk)}.part {q(spec.disk)}\n"
+            f"tar --extract --file - --directory {q(spec.guest_dir)}\n"
+            f"mv {q(spec.disk)}.part {q(spec.disk)}\n"
             + "".join(
                 f"{_decode(text.encode())} > {q(path)}\n"
                 for path, text in files.items()
@@ -436,7 +437,8 @@ class Guests:
             + "set +e\n"
             + self._register_script(spec)
         )
-        result = self.dom0.run_with_file(script, spec.image)
+        member = spec.disk.rsplit("/", 1)[-1] + ".part"
+        result = self.dom0.run_with_sparse_file(script, spec.image, member)
         self._check_registration(spec, result)
 
     def create_paused(self, spec: GuestSpec) -> None:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from invoke import Collection, Exit, Task, task
@@ -370,16 +371,29 @@ def boot_image(
     volume = image_mod.BootVolume(image)
     if pvgrub_variant == "auto":
         pvgrub_variant = image_mod.pick_variant(volume)
-    findings = _check_image(image, pvgrub_variant, s.pvgrub_flavor)
-    errors = [f for f in findings if f.is_error]
-    if errors and not force:
-        raise ImageError(
-            f"{image} would not boot under PV-GRUB {pvgrub_variant} "
-            f"({len(errors)} errors above); fix it, or pass --force to boot it "
-            "anyway and watch it fail as on EC2."
-        )
     guests = domain.Guests(dom0 or _dom0(s), s)
-    survey = guests.survey()
+    # dom0's survey, an SSH round trip of a second or more, runs while the
+    # volume is checked and its kernel identified here.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(guests.survey)
+        findings = _check_image(image, pvgrub_variant, s.pvgrub_flavor)
+        errors = [f for f in findings if f.is_error]
+        if errors and not force:
+            raise ImageError(
+                f"{image} would not boot under PV-GRUB {pvgrub_variant} "
+                f"({len(errors)} errors above); fix it, or pass --force to boot it "
+                "anyway and watch it fail as on EC2."
+            )
+        # What gdb needs later: the kernel's identity, and with --debug the
+        # patched copy.
+        debug_boot = debug_mod.prepare_boot(
+            volume, Path(s.cache_dir) / "images", spin=debug
+        )
+        try:
+            survey = pending.result()
+        except BaseException:
+            debug_boot.discard()
+            raise
     guests.prune(survey)
     mac = mac or _unused_mac(survey, s)
     paused = paused or debug
@@ -395,13 +409,13 @@ def boot_image(
         pvgrub_variant=pvgrub_variant,
         vcpus=vcpus,
     )
-    guests.check_new(spec, survey)
+    try:
+        guests.check_new(spec, survey)
+    except BaseException:
+        debug_boot.discard()
+        raise
     log_file = Path(s.cache_dir) / "logs" / f"{name}-console.log"
     created = False
-    # What gdb needs later: the kernel's identity, and with --debug the patched copy.
-    debug_boot = debug_mod.prepare_boot(
-        volume, Path(s.cache_dir) / "images", spin=debug
-    )
     if debug_boot.refusal:
         say(f"note: {debug_boot.refusal}")
     spec.image = debug_boot.image
