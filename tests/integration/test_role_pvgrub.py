@@ -67,6 +67,7 @@ def _dom0_state(host) -> tuple[str, str]:
     return packages, files
 
 
+@pytest.mark.applies_roles
 def test_legacy_build_without_its_sources_stops_before_installing_anything(
     dom0_vm, host, pvlab_settings, tmp_path
 ):
@@ -92,6 +93,7 @@ def test_legacy_build_without_its_sources_stops_before_installing_anything(
     assert _dom0_state(host) == before
 
 
+@pytest.mark.applies_roles
 def test_a_prebuilt_image_given_in_settings_is_installed_for_both_variants(
     dom0_vm, host, pvlab_settings, tmp_path
 ):
