@@ -23,6 +23,8 @@ CYCLE_MEMORY_MIB = 128
 class CycleRun:
     before: footprint.Footprint
     after: footprint.Footprint | None = None
+    # Taken while the first cycle's guest ran: proves the snapshot sees guests.
+    during: footprint.Footprint | None = None
     seconds: list[float] = field(default_factory=list)
 
     @property
@@ -31,8 +33,13 @@ class CycleRun:
 
 
 def one_cycle(
-    settings: Settings, guests: domain.Guests, image: Path, name: str
-) -> None:
+    settings: Settings,
+    guests: domain.Guests,
+    image: Path,
+    name: str,
+    probe: bool = False,
+) -> footprint.Footprint | None:
+    """One guest life; returns dom0's footprint while the guest runs when asked."""
     from pvlab.tasks import boot_image
 
     boot_image(
@@ -41,6 +48,7 @@ def one_cycle(
     )
     try:
         guests.dom0.run(f"xl unpause {shlex.quote(name)}")
+        return footprint.take(guests.dom0) if probe else None
     finally:
         guests.destroy(name)
 
@@ -66,7 +74,10 @@ def run(
                    memory=CYCLE_MEMORY_MIB)
     for index in range(count):
         started = time.monotonic()
-        one_cycle(settings, guests, image, f"{prefix}-{index}")
+        seen = one_cycle(
+            settings, guests, image, f"{prefix}-{index}", probe=index == 0
+        )
+        result.during = result.during or seen
         result.seconds.append(time.monotonic() - started)
         progress(f"cycle {index + 1}/{count}: {result.seconds[-1]:.1f} s")
     result.after = footprint.take(dom0)
