@@ -198,6 +198,9 @@ def env_map(pairs: list[str]) -> dict[str, str]:
 
 
 CREATE_FAILED = "pvlab-create-failed: "
+# In a guest's directory from its preparation until `xl create` has made it, so
+# that a concurrent boot does not prune it as a leftover.
+CREATING = ".creating"
 
 
 class CreateError(DomainError):
@@ -278,7 +281,12 @@ class Guests:
         one SSH round trip instead of one per question (each costs about half a
         second in an emulated dom0)."""
         script = (
-            "echo @xl; xl list; echo @guests; ls " + GUESTS_DIR + " 2>/dev/null; "
+            "echo @xl; xl list; echo @guests; "
+            # A guest another boot is still creating (its marker younger than
+            # 15 minutes) is not a leftover, though xl does not list it yet.
+            "for d in " + GUESTS_DIR + "/*/; do [ -d \"$d\" ] || continue; "
+            "[ -n \"$(find \"$d\"" + CREATING + " -mmin -15 2>/dev/null)\" ] && "
+            "continue; basename \"$d\"; done; "
             "echo @dhcp; cat " + DHCP_HOSTS_DIR + "/* 2>/dev/null; "
             "echo @info; xl info | grep '^free_memory'; "
             "echo @pvgrub; ls " + PVGRUB_DIR + " 2>/dev/null; true"
@@ -428,6 +436,7 @@ class Guests:
         files = {spec.config_path: render_xl_config(spec), **(files or {})}
         script = (
             f"set -e\nmkdir -p {q(spec.guest_dir)}\n"
+            f"touch {q(spec.guest_dir)}/{CREATING}\n"
             f"tar --extract --file - --directory {q(spec.guest_dir)}\n"
             f"mv {q(spec.disk)}.part {q(spec.disk)}\n"
             + "".join(
@@ -443,7 +452,9 @@ class Guests:
 
     def create_paused(self, spec: GuestSpec) -> None:
         result = self.dom0.run(
-            f"xl create -p {shlex.quote(spec.config_path)}", check=False
+            f"xl create -p {shlex.quote(spec.config_path)} && "
+            f"rm -f {shlex.quote(spec.guest_dir)}/{CREATING}",
+            check=False,
         )
         if result.returncode != 0:
             raise _create_error(spec.name, result.stderr.strip().splitlines())
@@ -469,6 +480,7 @@ class Guests:
             remote = (
                 f"out=$(xl create -p {shlex.quote(create.config_path)} 2>&1) || "
                 f"{{ echo \"$out\" | sed 's/^/{CREATE_FAILED}/'; exit 97; }}; "
+                f"rm -f {shlex.quote(create.guest_dir)}/{CREATING}; "
                 + remote
             )
         failure: list[str] = []

@@ -185,3 +185,30 @@ def test_prune_forgets_guests_that_no_longer_run_and_frees_their_macs():
         guests.check_new(spec(name="g1"), survey)
     with pytest.raises(DomainError, match="needs 1024 MiB but Xen has 900"):
         guests.check_new(spec(name="g2", memory=1024), survey)
+
+
+def test_survey_skips_guests_another_boot_is_still_creating(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    from pvlab import settings
+
+    dom0 = RecordingDom0(SURVEY)
+    domain.Guests(dom0, settings.Settings()).survey()
+    script = dom0.commands[0]
+    listing = script[script.index("echo @guests"):script.index("echo @dhcp")]
+    for name in ("leftover", "in-flight", "abandoned"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "in-flight" / domain.CREATING).touch()
+    marker = tmp_path / "abandoned" / domain.CREATING
+    marker.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(marker, (an_hour_ago, an_hour_ago))
+
+    out = subprocess.run(
+        ["sh", "-c", listing.replace(domain.GUESTS_DIR, str(tmp_path))],
+        capture_output=True, text=True, check=True,
+    ).stdout
+
+    assert out.split() == ["@guests", "abandoned", "leftover"]
