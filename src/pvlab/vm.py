@@ -125,6 +125,9 @@ class Dom0:
                 "`vagrant reload` failed (see its output above; the VM's serial "
                 f"console is in {self.settings.serial_log})."
             )
+        # Written afresh for the rebooted VM, so SSH users that hold its path
+        # (testinfra, a running task) find it again.
+        self.ssh_config()
 
     def lost(self, what: str) -> VmError:
         """The error for an SSH session into dom0 that ended with its connection."""
