@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from invoke import Collection, Exit, Task, task
@@ -371,29 +370,21 @@ def boot_image(
     volume = image_mod.BootVolume(image)
     if pvgrub_variant == "auto":
         pvgrub_variant = image_mod.pick_variant(volume)
-    guests = domain.Guests(dom0 or _dom0(s), s)
-    # dom0's survey, an SSH round trip of a second or more, runs while the
-    # volume is checked and its kernel identified here.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(guests.survey)
-        findings = _check_image(image, pvgrub_variant, s.pvgrub_flavor)
-        errors = [f for f in findings if f.is_error]
-        if errors and not force:
-            raise ImageError(
-                f"{image} would not boot under PV-GRUB {pvgrub_variant} "
-                f"({len(errors)} errors above); fix it, or pass --force to boot it "
-                "anyway and watch it fail as on EC2."
-            )
-        # What gdb needs later: the kernel's identity, and with --debug the
-        # patched copy.
-        debug_boot = debug_mod.prepare_boot(
-            volume, Path(s.cache_dir) / "images", spin=debug
+    findings = _check_image(image, pvgrub_variant, s.pvgrub_flavor)
+    errors = [f for f in findings if f.is_error]
+    if errors and not force:
+        raise ImageError(
+            f"{image} would not boot under PV-GRUB {pvgrub_variant} "
+            f"({len(errors)} errors above); fix it, or pass --force to boot it "
+            "anyway and watch it fail as on EC2."
         )
-        try:
-            survey = pending.result()
-        except BaseException:
-            debug_boot.discard()
-            raise
+    guests = domain.Guests(dom0 or _dom0(s), s)
+    survey = guests.survey()
+    # What gdb needs later: the kernel's identity, and with --debug the patched
+    # copy.
+    debug_boot = debug_mod.prepare_boot(
+        volume, Path(s.cache_dir) / "images", spin=debug
+    )
     guests.prune(survey)
     mac = mac or _unused_mac(survey, s)
     paused = paused or debug
@@ -421,9 +412,8 @@ def boot_image(
     spec.image = debug_boot.image
     try:
         guests.prepare(spec, progress, files=debug_boot.record_file(spec.guest_dir))
-        if paused:
-            guests.create_paused(spec)
-            created = True
+        guests.create_paused(spec)
+        created = True
         if debug_boot.spin:
             say(
                 f"{name} created paused, its kernel to spin at its entry "
@@ -440,13 +430,7 @@ def boot_image(
             f"also in {log_file})"
         )
         log_file.unlink(missing_ok=True)
-        # Created and unpaused within the console's own SSH session.
-        created = True
-        try:
-            code = guests.console(name, log_file, create=spec)
-        except domain.CreateError:
-            created = False
-            raise
+        code = guests.console(name, log_file)
         say(f"{name} has stopped (console exit status {code})")
         return 0
     except KeyboardInterrupt:

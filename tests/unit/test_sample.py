@@ -411,7 +411,8 @@ def test_guest_falls_back_to_imdsv1_and_holds_when_asked(qemu_guest):
 
     guest.start(sample.HOLD_OPTION)
     guest.wait_for_line(
-        f"{sample.PROGRESS_PREFIX} holding ({sample.HOLD_OPTION}); not powering off",
+        f"{sample.PROGRESS_PREFIX} holding ({sample.HOLD_OPTION}); not powering off, "
+        "asking for instance-id every 10 s",
         180,
     )
     time.sleep(3)
