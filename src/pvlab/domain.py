@@ -197,19 +197,14 @@ def env_map(pairs: list[str]) -> dict[str, str]:
     return result
 
 
-CREATE_FAILED = "pvlab-create-failed: "
 # In a guest's directory from its preparation until `xl create` has made it, so
 # that a concurrent boot does not prune it as a leftover.
 CREATING = ".creating"
 
 
-class CreateError(DomainError):
-    """`xl create` refused the guest: it does not exist."""
-
-
-def _create_error(name: str, lines: list[str]) -> CreateError:
+def _create_error(name: str, lines: list[str]) -> DomainError:
     reason = ([line for line in lines if line.strip()] or ["no message"])[-1]
-    return CreateError(
+    return DomainError(
         f"xl create of {name} failed ({reason}); see /var/log/xen/ in dom0 or "
         f"`invoke report --name {name}`."
     )
@@ -459,15 +454,8 @@ class Guests:
         if result.returncode != 0:
             raise _create_error(spec.name, result.stderr.strip().splitlines())
 
-    def console(
-        self,
-        name: str,
-        log_file: Path,
-        unpause: bool = True,
-        create: GuestSpec | None = None,
-    ) -> int:
-        """Attach the console, unpause, stream until the guest is gone; with
-        create, `xl create -p` it first in the same SSH session."""
+    def console(self, name: str, log_file: Path, unpause: bool = True) -> int:
+        """Attach the console, unpause, stream until the guest is gone."""
         q = shlex.quote(name)
         # sh -c has no job control, so the console in the background keeps the
         # terminal; it is attached before the guest runs its first instruction.
@@ -476,14 +464,6 @@ class Guests:
             + (f"xl unpause {q}; " if unpause else "")
             + "wait $console"
         )
-        if create is not None:
-            remote = (
-                f"out=$(xl create -p {shlex.quote(create.config_path)} 2>&1) || "
-                f"{{ echo \"$out\" | sed 's/^/{CREATE_FAILED}/'; exit 97; }}; "
-                f"rm -f {shlex.quote(create.guest_dir)}/{CREATING}; "
-                + remote
-            )
-        failure: list[str] = []
         argv = self.dom0.ssh_argv(f"sudo sh -c {shlex.quote(remote)}", tty=True)
         log.debug("dom0: %s", remote)
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -498,18 +478,12 @@ class Guests:
             try:
                 for raw in proc.stdout:
                     line = raw.replace(b"\r", b"")
-                    if line.startswith(CREATE_FAILED.encode()):
-                        failure.append(line.decode(errors="replace")[
-                            len(CREATE_FAILED):].strip())
-                        continue
                     sink.write(line)
                     sink.flush()
                     print(line.decode(errors="replace"), end="", flush=True)
                 code = proc.wait()
                 if code == 255:
                     raise self.dom0.lost(f"streaming {name}'s console")
-                if code == 97 and failure:
-                    raise _create_error(name, failure)
                 return code
             finally:
                 if proc.poll() is None:
