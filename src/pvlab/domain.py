@@ -382,11 +382,6 @@ class Guests:
         for line in lines:
             log.warning("%s", line)
 
-    def register(self, spec: GuestSpec) -> None:
-        """Register the guest with the IMDS and DHCP (its files are in place)."""
-        result = self.dom0.run(self._register_script(spec), check=False)
-        self._check_registration(spec, result)
-
     def imds_command(self, verb: str, name: str, *args: str) -> str:
         return shlex.join([
             "python3", IMDS_SCRIPT, verb, "--state-dir", IMDS_STATE_DIR,

@@ -12,10 +12,10 @@ import json
 import logging
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pvlab import shell
 from pvlab.errors import SettingsError, VmError
 from pvlab.settings import Settings
 from pvlab.vm import Dom0
@@ -35,18 +35,13 @@ class XenHost:
     connection: str
 
 
-def _ansible_inventory() -> str:
-    beside = Path(sys.executable).parent / "ansible-inventory"
-    return str(beside) if beside.exists() else "ansible-inventory"
-
-
 def read(path: Path) -> dict[str, XenHost]:
     """The hosts of the inventory's xen_hosts group, by name."""
     if not path.is_file():
         raise SettingsError(f"inventory {path} does not exist; give an Ansible "
                             "inventory file with a [xen_hosts] group.")
     result = subprocess.run(
-        [_ansible_inventory(), "-i", str(path), "--list"],
+        [shell.ansible_command("ansible-inventory"), "-i", str(path), "--list"],
         capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:

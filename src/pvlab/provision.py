@@ -9,12 +9,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from pvlab import box, host
+from pvlab import box, host, shell
 from pvlab import image as image_mod
 from pvlab.errors import HostError, SettingsError, VmError
 from pvlab.settings import PROJECT_ROOT, Settings
@@ -296,7 +295,8 @@ def run_playbook(
         ANSIBLE_FORCE_COLOR="0",
     )
     argv = [
-        _ansible_playbook(), "-i", str(inventory), "-e", f"@{vars_file}", str(playbook)
+        shell.ansible_command("ansible-playbook"),
+        "-i", str(inventory), "-e", f"@{vars_file}", str(playbook),
     ]
     log.debug("run: %s", " ".join(argv))
     recap = None
@@ -352,13 +352,6 @@ def settings_failure(lines: list[str]) -> str | None:
                 return None
             return " ".join(str(message).split()) if message else None
     return None
-
-
-def _ansible_playbook() -> str:
-    # The ansible-core pinned with pvlab, next to this interpreter, wins over any
-    # other on PATH.
-    beside = Path(sys.executable).parent / "ansible-playbook"
-    return str(beside) if beside.exists() else "ansible-playbook"
 
 
 def provision_inventory(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import shlex
 import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +55,10 @@ def succeeds(argv: Sequence[str], timeout: float | None = 30) -> bool:
         return run(argv, check=False, timeout=timeout).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def ansible_command(name: str) -> str:
+    """An Ansible command (ansible-playbook, ansible-inventory) of the ansible-core
+    pinned with pvlab, next to this interpreter, before any other on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name

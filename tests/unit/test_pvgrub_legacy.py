@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pvlab import domain, provision, tasks
+from pvlab import domain, provision, shell, tasks
 from pvlab import settings as settings_mod
 from pvlab.errors import DomainError, SettingsError
 
@@ -259,8 +259,8 @@ def run_check(tmp_path, sources: str) -> subprocess.CompletedProcess:
     )
     return subprocess.run(
         [
-            provision._ansible_playbook(), "-i", "localhost,", "-c", "local",
-            "-e", f"@{variables}", str(playbook),
+            shell.ansible_command("ansible-playbook"),
+            "-i", "localhost,", "-c", "local", "-e", f"@{variables}", str(playbook),
         ],
         capture_output=True,
         text=True,
