@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 GUESTS_DIR = "/var/lib/pvlab/guests"
 IMDS_SCRIPT = "/opt/pvlab/imds.py"
 IMDS_STATE_DIR = "/var/lib/pvlab/imds"
+IMDS_CONTROL_SOCKET = f"{IMDS_STATE_DIR}/control.sock"
 DHCP_HOSTS_DIR = "/var/lib/pvlab/dhcp-hosts"
 PVGRUB_DIR = "/var/lib/pvlab/pvgrub"
 BRIDGE = "xenbr0"
@@ -202,6 +204,15 @@ def env_map(pairs: list[str]) -> dict[str, str]:
 CREATING = ".creating"
 
 
+def _control(method: str, url: str) -> str:
+    """curl asking the metadata service's control socket; exit 22 on a refusal,
+    whose sentence is the body."""
+    return (
+        f"curl --silent --show-error --fail-with-body --max-time 30 --unix-socket "
+        f"{IMDS_CONTROL_SOCKET} --request {method} {shlex.quote(url)}"
+    )
+
+
 def _create_error(name: str, lines: list[str]) -> DomainError:
     reason = ([line for line in lines if line.strip()] or ["no message"])[-1]
     return DomainError(
@@ -341,25 +352,34 @@ class Guests:
             )
 
     def _register_script(self, spec: GuestSpec) -> str:
-        """Shell lines registering the guest with the IMDS (exit 91 on refusal)
-        and with DHCP; the user-data travels inline, base64-encoded."""
+        """Shell lines registering the guest with the IMDS (exit 91 on refusal,
+        92 if the service does not answer) and with DHCP. The running service
+        registers it through its control socket: curl starts in a fraction of the
+        time a Python CLI takes in an emulated dom0. The user-data travels inline,
+        base64-encoded."""
         q = shlex.quote
-        register = (
-            f"python3 {IMDS_SCRIPT} register --state-dir {IMDS_STATE_DIR} "
-            f"--name {q(spec.name)} --mac {spec.mac} --ip {spec.ip} "
-            f"--instance-type {q(spec.instance_type.name)} "
-            f"--pvgrub-variant {spec.pvgrub_variant} "
-        )
+        options = {
+            "mac": spec.mac,
+            "ip": spec.ip,
+            "instance-type": spec.instance_type.name,
+            "pvgrub-variant": spec.pvgrub_variant,
+        }
         if spec.user_data is None:
-            register = f"{register}--no-user-data </dev/null"
-        else:
-            register = f"{_decode(spec.user_data)} | {register}--user-data-file -"
+            options["no-user-data"] = "1"
+        url = f"http://imds/guests/{spec.name}?{urllib.parse.urlencode(options)}"
+        body = "" if spec.user_data is None else _decode(spec.user_data)
         host_line = f"{spec.mac},{spec.ip},{spec.name}\n"
         return (
             # A new guest of an old name is a new instance: its request log starts
             # empty (the old one stays readable until then, for post-mortems).
             f"rm -f {IMDS_STATE_DIR}/logs/{q(spec.name)}.jsonl*\n"
-            f"if ! {register}; then exit 91; fi\n"
+            f"{body or ':'} | {_control('PUT', url)} --data-binary @- >&2\n"
+            "case $? in\n"
+            "  0) ;;\n"
+            "  22) exit 91 ;;\n"
+            "  *) echo 'the metadata service in dom0 does not answer on its control "
+            "socket; `invoke provision` restarts it' >&2; exit 92 ;;\n"
+            "esac\n"
             f"mkdir -p {DHCP_HOSTS_DIR}\n"
             f"{_decode(host_line.encode())} > {DHCP_HOSTS_DIR}/{q(spec.name)}\n"
         )
@@ -380,7 +400,9 @@ class Guests:
                 f"{lines[-1] if lines else 'no message'}"
             )
         for line in lines:
-            log.warning("%s", line)
+            (log.debug if line.startswith("registered guest") else log.warning)(
+                "%s", line
+            )
 
     def imds_command(self, verb: str, name: str, *args: str) -> str:
         return shlex.join([
@@ -402,7 +424,9 @@ class Guests:
 
     def forget(self, name: str) -> None:
         q = shlex.quote(name)
+        # Through the running service; the CLI when it does not answer.
         self.dom0.run(
+            f"{_control('DELETE', f'http://imds/guests/{name}')} >/dev/null 2>&1 || "
             f"python3 {IMDS_SCRIPT} unregister --state-dir {IMDS_STATE_DIR} "
             f"--name {q}; rm -f {DHCP_HOSTS_DIR}/{q}; rm -rf {GUESTS_DIR}/{q}",
             check=False,

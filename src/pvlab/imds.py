@@ -8,6 +8,8 @@ State directory (default /var/lib/pvlab/imds)::
     guests/<name>.json   one registration per guest, written by `register`
     logs/<name>.jsonl    request log of that guest (logs/_unregistered.jsonl for
                          addresses that are not a registered guest)
+    control.sock         where root in dom0 registers and forgets guests through
+                         the running service (see "control socket" below)
 
 A registration file is one JSON object (schema 1)::
 
@@ -1017,6 +1019,7 @@ class Request:
     headers: dict[str, str]
     started: float
     keep_alive: bool = True
+    body: bytes = b""
 
     @property
     def path(self) -> str:
@@ -1269,8 +1272,10 @@ def read_request(reader: io.BufferedReader, limits: Limits) -> Request:
             raise HttpError(400)
         if int(length) > limits.max_body:
             request.keep_alive = False
-        elif len(reader.read(int(length))) < int(length):
-            raise _ConnectionDone
+        else:
+            request.body = reader.read(int(length))
+            if len(request.body) < int(length):
+                raise _ConnectionDone
     return request
 
 
@@ -1450,6 +1455,117 @@ def make_server(
     return ImdsServer((address, port), service, limits or Limits())
 
 
+# ------------------------------------------------------------------- control socket
+#
+# dom0's own way to register and forget guests without starting a Python process
+# per boot (seconds in an emulated dom0): HTTP over a Unix socket that only root can
+# open, spoken by curl.
+#
+#   PUT /guests/NAME?mac=M&ip=A[&instance-type=T][&instance-id=I][&http-tokens=H]
+#       [&hop-limit=N][&pvgrub-variant=V][&no-user-data=1]   body: the user-data
+#   DELETE /guests/NAME
+#
+# 200 with the messages `register`/`unregister` would print, or 400 with the one
+# sentence they would refuse with.
+
+_CONTROL_OPTIONS = {
+    "mac", "ip", "instance-type", "instance-id", "http-tokens", "hop-limit",
+    "pvgrub-variant", "no-user-data",
+}
+
+
+def control(state_dir: Path, settings: Settings, request: Request) -> Response:
+    """Answer one control request."""
+    match = re.fullmatch(r"/guests/([^/]+)", request.path)
+    if not match:
+        return Response(404, b"no such control path; use /guests/NAME\n")
+    name = match.group(1)
+    try:
+        query = _control_query(request.target.partition("?")[2])
+        if request.method == "PUT":
+            hop_limit = query.get("hop-limit")
+            if hop_limit is not None and not _DIGITS_RE.fullmatch(hop_limit):
+                raise ImdsError(f"hop limit {hop_limit!r} is not a number")
+            if int(request.headers.get("content-length") or 0) > USER_DATA_LIMIT:
+                raise ImdsError(_too_large("the request"))
+            messages = register(
+                state_dir,
+                settings,
+                name=name,
+                mac=_required(query, "mac"),
+                ip=_required(query, "ip"),
+                user_data=None if "no-user-data" in query else request.body,
+                instance_type=query.get("instance-type"),
+                instance_id=query.get("instance-id"),
+                http_tokens=query.get("http-tokens"),
+                hop_limit=None if hop_limit is None else int(hop_limit),
+                pvgrub_variant=query.get("pvgrub-variant"),
+            )
+        elif request.method == "DELETE":
+            messages = [unregister(state_dir, name)]
+        else:
+            return Response(405, b"use PUT to register and DELETE to forget\n")
+    except ImdsError as exc:
+        return Response(400, f"{exc}\n".encode())
+    for message in messages:
+        log.info("control: %s", message)
+    return Response(200, "".join(f"{m}\n" for m in messages).encode())
+
+
+def _control_query(query: str) -> dict[str, str]:
+    from urllib.parse import parse_qsl  # the server alone needs it
+
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ImdsError("the request's query string is malformed") from None
+    unknown = sorted({key for key, _ in pairs} - _CONTROL_OPTIONS)
+    if unknown:
+        raise ImdsError(f"unknown option {unknown[0]!r} in the request")
+    return dict(pairs)
+
+
+def _required(query: dict[str, str], key: str) -> str:
+    if not query.get(key):
+        raise ImdsError(f"the request gives no {key}")
+    return query[key]
+
+
+class ControlHandler(socketserver.StreamRequestHandler):
+    server: ControlServer
+
+    def handle(self) -> None:
+        self.request.settimeout(self.server.limits.request_timeout)
+        try:
+            request = read_request(self.rfile, self.server.limits)
+        except HttpError as exc:
+            self.wfile.write(render(Response(exc.status), "GET", keep_alive=False))
+            return
+        except (_ConnectionDone, OSError):
+            return
+        response = control(self.server.state_dir, self.server.settings, request)
+        self.wfile.write(render(response, request.method, keep_alive=False))
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The control socket: a thread per connection (they are few and short)."""
+
+    daemon_threads = True
+
+    def __init__(self, path: Path, state_dir: Path, settings: Settings) -> None:
+        self.path = path
+        self.state_dir = state_dir
+        self.settings = settings
+        self.limits = Limits()
+        path.unlink(missing_ok=True)  # left by a service that was killed
+        super().__init__(str(path), ControlHandler)
+        os.chmod(path, 0o600)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.path.unlink(missing_ok=True)
+
+
 # -------------------------------------------------------------------------------- CLI
 
 
@@ -1468,6 +1584,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "check that the address is on this host and the port is free"
         ) from None
 
+    control_path = args.control_socket or args.state_dir / "control.sock"
+    try:
+        control_server = ControlServer(control_path, args.state_dir, settings)
+    except OSError as exc:
+        server.server_close()
+        raise ImdsError(
+            f"cannot listen on {control_path} ({exc.strerror}); check that its "
+            "directory exists and is writable"
+        ) from None
+    threading.Thread(
+        target=control_server.serve_forever, name="imds-control", daemon=True
+    ).start()
+
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -1485,6 +1614,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         log.info("stopping the metadata service")
     finally:
+        control_server.shutdown()
+        control_server.server_close()
         server.server_close()
     return 0
 
@@ -1506,12 +1637,15 @@ def read_user_data(args: argparse.Namespace) -> bytes | None:
             f"cannot read user-data file {source} ({exc.strerror}); check the path"
         ) from None
     if len(data) > USER_DATA_LIMIT:
-        where = "standard input" if source == "-" else source
-        raise ImdsError(
-            f"user-data from {where} is larger than EC2's limit of {USER_DATA_LIMIT} "
-            "bytes (16 KiB); shrink it or fetch the bulk from elsewhere at boot"
-        )
+        raise ImdsError(_too_large("standard input" if source == "-" else source))
     return data
+
+
+def _too_large(where: str) -> str:
+    return (
+        f"user-data from {where} is larger than EC2's limit of {USER_DATA_LIMIT} "
+        "bytes (16 KiB); shrink it or fetch the bulk from elsewhere at boot"
+    )
 
 
 def user_data_warning(data: bytes | None) -> str | None:
@@ -1529,29 +1663,44 @@ def user_data_warning(data: bytes | None) -> str | None:
     return None
 
 
-def cmd_register(args: argparse.Namespace) -> int:
-    _check_name(args.name)
-    settings = Settings.load(args.config)
+def register(
+    state_dir: Path,
+    settings: Settings,
+    *,
+    name: str,
+    mac: str,
+    ip: str,
+    user_data: bytes | None,
+    instance_type: str | None = None,
+    instance_id: str | None = None,
+    http_tokens: str | None = None,
+    hop_limit: int | None = None,
+    pvgrub_variant: str | None = None,
+) -> list[str]:
+    """Register a guest or replace its record; returns what to tell the user
+    (warnings first, then the confirmation). Raises ImdsError on a refusal."""
+    _check_name(name)
     defaults = settings.guest_defaults
-    mac = normalise_mac(args.mac)
-    ip = _check_ipv4(args.ip)
-    instance_type = args.instance_type or defaults.instance_type
-    http_tokens = args.http_tokens or defaults.http_tokens
-    hop_limit = args.hop_limit if args.hop_limit is not None else defaults.hop_limit
-    variant = args.pvgrub_variant or defaults.pvgrub_variant
+    mac = normalise_mac(mac)
+    ip = _check_ipv4(ip)
+    instance_type = instance_type or defaults.instance_type
+    http_tokens = http_tokens or defaults.http_tokens
+    hop_limit = hop_limit if hop_limit is not None else defaults.hop_limit
+    variant = pvgrub_variant or defaults.pvgrub_variant
     _check_guest_options(instance_type, http_tokens, hop_limit, variant, "register")
-    instance_id = args.instance_id or Guest.default_instance_id(args.name, mac)
+    instance_id = instance_id or Guest.default_instance_id(name, mac)
     if not _INSTANCE_ID_RE.fullmatch(instance_id):
         raise ImdsError(f"instance id {instance_id!r} is not like i-0123456789abcdef0")
-    user_data = read_user_data(args)
+    if user_data is not None and len(user_data) > USER_DATA_LIMIT:
+        raise ImdsError(_too_large("the request"))
 
-    registry = GuestRegistry(args.state_dir)
+    registry = GuestRegistry(state_dir)
     with registry.locked():
         for other in registry.all():
-            if other.name == args.name:
+            if other.name == name:
                 if other.mac != mac:
                     raise ImdsError(
-                        f"guest {args.name} is already registered with MAC "
+                        f"guest {name} is already registered with MAC "
                         f"{other.mac}; unregister it first"
                     )
                 continue
@@ -1565,62 +1714,78 @@ def cmd_register(args: argparse.Namespace) -> int:
                         f"{what} {mine} already belongs to guest {other.name}; "
                         f"unregister {other.name} or choose another {what}"
                     )
-        guest = Guest(
-            name=args.name,
-            mac=mac,
-            ip=ip,
-            instance_id=instance_id,
-            reservation_id=f"r-{_hex_id('reservation', args.name, mac)}",
-            instance_type=instance_type,
-            user_data=user_data,
-            http_tokens=http_tokens,
-            hop_limit=hop_limit,
-            pvgrub_variant=variant,
-            registered_at=_iso(_utc_now()),
+        registry.save(
+            Guest(
+                name=name,
+                mac=mac,
+                ip=ip,
+                instance_id=instance_id,
+                reservation_id=f"r-{_hex_id('reservation', name, mac)}",
+                instance_type=instance_type,
+                user_data=user_data,
+                http_tokens=http_tokens,
+                hop_limit=hop_limit,
+                pvgrub_variant=variant,
+                registered_at=_iso(_utc_now()),
+            )
         )
-        registry.save(guest)
+    messages = []
     problem = user_data_warning(user_data)
     if problem:
-        log.warning(
-            "warning: the user-data of %s %s; UniK images expect a JSON object of "
-            "strings such as {} and may not boot with it",
-            args.name,
-            problem,
+        messages.append(
+            f"warning: the user-data of {name} {problem}; UniK images expect a JSON "
+            "object of strings such as {} and may not boot with it"
         )
     if settings.region not in PVGRUB_AKIS[variant]:
-        log.warning(
-            "warning: no PV-GRUB %s AKI is known for %s, so kernel-id is absent",
-            variant,
-            settings.region,
+        messages.append(
+            f"warning: no PV-GRUB {variant} AKI is known for {settings.region}, "
+            "so kernel-id is absent"
         )
-    log.info(
-        "registered guest %s as %s (%s, %s, %s)",
-        args.name,
-        instance_id,
-        ip,
-        mac,
-        instance_type,
+    messages.append(
+        f"registered guest {name} as {instance_id} ({ip}, {mac}, {instance_type})"
     )
+    return messages
+
+
+def unregister(state_dir: Path, name: str | None = None, mac: str | None = None) -> str:
+    """Forget a guest by name or MAC; fine if it is already gone."""
+    if not state_dir.exists():
+        return f"no guest to unregister: {state_dir} does not exist"
+    registry = GuestRegistry(state_dir)
+    with registry.locked():
+        if name is not None:
+            _check_name(name)
+            names = [name]
+        else:
+            mac = normalise_mac(str(mac))
+            names = [g.name for g in registry.all() if g.mac == mac]
+        removed = [n for n in names if registry.remove(n)]
+    if removed:
+        return f"unregistered guest {', '.join(removed)}"
+    return f"guest {name or mac} was not registered"
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    messages = register(
+        args.state_dir,
+        Settings.load(args.config),
+        name=args.name,
+        mac=args.mac,
+        ip=args.ip,
+        user_data=read_user_data(args),
+        instance_type=args.instance_type,
+        instance_id=args.instance_id,
+        http_tokens=args.http_tokens,
+        hop_limit=args.hop_limit,
+        pvgrub_variant=args.pvgrub_variant,
+    )
+    for message in messages:
+        (log.warning if message.startswith("warning:") else log.info)("%s", message)
     return 0
 
 
 def cmd_unregister(args: argparse.Namespace) -> int:
-    registry = GuestRegistry(args.state_dir)
-    if not args.state_dir.exists():
-        log.info("no guest to unregister: %s does not exist", args.state_dir)
-        return 0
-    with registry.locked():
-        if args.name is not None:
-            _check_name(args.name)
-            names = [args.name]
-        else:
-            mac = normalise_mac(args.mac)
-            names = [g.name for g in registry.all() if g.mac == mac]
-        removed = [name for name in names if registry.remove(name)]
-    if removed:
-        log.info("unregistered guest %s", ", ".join(removed))
-    else:
-        log.info("guest %s was not registered", args.name or args.mac)
+    log.info("%s", unregister(args.state_dir, args.name, args.mac))
     return 0
 
 
@@ -1782,6 +1947,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="seconds a client has to send a whole request",
+    )
+    p.add_argument(
+        "--control-socket",
+        type=Path,
+        default=None,
+        help="Unix socket for register/forget requests from dom0 itself "
+        "(default: control.sock in the state directory)",
     )
     p.set_defaults(func=cmd_serve)
 

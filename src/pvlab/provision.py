@@ -386,6 +386,20 @@ def _address_in(address: str, network: ipaddress.IPv4Network) -> bool:
         return False
 
 
+def refuse_foreign_domain(settings: Settings, dom0: Dom0) -> None:
+    """`vagrant up` cannot create the VM when a libvirt domain of its name exists
+    that this checkout's Vagrant state does not own (another checkout's dom0, or
+    one whose .vagrant was deleted); say so before, with the way out."""
+    owned = dom0.libvirt_uuid()
+    for name, uuid in host.project_domains(settings):
+        if name == settings.domain_name and uuid != owned:
+            raise VmError(
+                f"a libvirt domain named {name} already exists that this checkout "
+                "did not create (another checkout's dom0, or a leftover); remove it "
+                "with `invoke clean --stale`, or set another name_prefix here."
+            )
+
+
 def provision(settings: Settings, progress=log.info, quiet: bool = False) -> Recap:
     started = time.monotonic()
     # Before anything is created: a bad provider, box, image or setting stops
@@ -409,6 +423,8 @@ def provision(settings: Settings, progress=log.info, quiet: bool = False) -> Rec
     dom0 = Dom0(settings, accel=accel)
     ensure_box(settings, progress)
     state = dom0.status()
+    if state == "not_created" and settings.provider == "libvirt":
+        refuse_foreign_domain(settings, dom0)
     if state != "running":
         progress(f"starting the dom0 VM ({accel}, {settings.vm_memory} MiB, "
                  f"{settings.vm_cpus} vCPUs; state was {state})")

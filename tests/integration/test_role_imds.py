@@ -45,3 +45,15 @@ def test_metadata_service_comes_back_after_being_killed(host, pvlab_settings):
         " then exit 0; fi; sleep 1; done; exit 1"
     )
     assert result.rc == 0, "pvlab-imds did not come back within 30 s"
+
+
+def test_control_socket_answers_root_and_only_root(host):
+    sock = host.file("/var/lib/pvlab/imds/control.sock")
+    assert sock.is_socket and sock.user == "root" and sock.mode == 0o600
+    ask = (
+        "curl --silent --show-error --fail-with-body --max-time 10 --unix-socket "
+        "/var/lib/pvlab/imds/control.sock --request DELETE http://imds/guests/nobody"
+    )
+    assert host.check_output(ask) == "guest nobody was not registered"
+    as_nobody = host.run(f"runuser -u nobody -- {ask}")
+    assert as_nobody.rc == 7 and "Permission denied" in as_nobody.stderr

@@ -35,3 +35,31 @@ def test_libvirt_that_cannot_be_started_is_one_sentence(monkeypatch):
 
     with pytest.raises(HostError, match="libvirtd is not running and could not be"):
         host.ensure_libvirt(lambda message: None)
+
+
+class _Dom0:
+    def __init__(self, uuid):
+        self.uuid = uuid
+
+    def libvirt_uuid(self):
+        return self.uuid
+
+
+def test_a_dom0_domain_this_checkout_does_not_own_is_refused_before_vagrant_up(
+    monkeypatch,
+):
+    import pytest
+
+    from pvlab import provision
+    from pvlab.errors import VmError
+
+    s = settings.load(environ={})
+    monkeypatch.setattr(
+        host, "project_domains",
+        lambda _: [("pvlab-mgmt-x", "u0"), (s.domain_name, "u1")],
+    )
+
+    provision.refuse_foreign_domain(s, _Dom0("u1"))  # its own: fine
+    with pytest.raises(VmError, match="invoke clean --stale") as refused:
+        provision.refuse_foreign_domain(s, _Dom0(None))
+    assert str(refused.value).count(". ") == 0 and s.domain_name in str(refused.value)

@@ -1263,3 +1263,129 @@ def test_module_runs_as_a_plain_script_in_isolated_mode(tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert b"--state-dir" in result.stdout
+
+
+# ------------------------------------------------------------------ control socket
+
+
+@pytest.fixture
+def control(make_imds):
+    """A metadata service plus its control socket (in a short directory: Unix
+    socket paths are limited to about 100 bytes)."""
+    import tempfile
+
+    server = make_imds()
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pvlab-ctl-") as short:
+        path = Path(short) / "control.sock"
+        settings = imds.Settings.from_mapping({"ssh_public_key": SSH_KEY})
+        ctl = imds.ControlServer(path, server.state_dir, settings)
+        thread = threading.Thread(
+            target=ctl.serve_forever, kwargs={"poll_interval": 0.05}
+        )
+        thread.start()
+        yield server, ctl
+        ctl.shutdown()
+        ctl.server_close()
+        thread.join(timeout=5)
+
+
+def ask_control(path: Path, method: str, target: str, body: bytes = b"") -> tuple:
+    """One HTTP request over the Unix socket, as curl --unix-socket sends it."""
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: imds\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(head + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, text = data.partition(b"\r\n\r\n")
+    return status_of(head), text.decode()
+
+
+G2 = "/guests/g2?mac=00:16:3e:00:00:02&ip=127.0.0.2"
+
+
+def test_control_put_registers_with_the_body_as_user_data(control):
+    server, ctl = control
+
+    status, text = ask_control(ctl.path, "PUT", G2, b'{"K": "v"}')
+
+    assert status == 200
+    assert text.strip().splitlines()[-1].startswith("registered guest g2 as i-")
+    assert server.get("/latest/user-data", source="127.0.0.2").body == b'{"K": "v"}'
+
+
+def test_control_put_with_no_user_data_serves_404(control):
+    server, ctl = control
+
+    assert ask_control(ctl.path, "PUT", G2 + "&no-user-data=1")[0] == 200
+    assert server.get("/latest/user-data", source="127.0.0.2").status == 404
+
+
+def test_control_put_warns_about_user_data_unik_cannot_parse(control):
+    status, text = ask_control(control[1].path, "PUT", G2, b"#!/bin/sh\n")
+
+    assert status == 200
+    assert text.startswith("warning: the user-data of g2 is not JSON")
+
+
+@pytest.mark.parametrize(
+    "target, body, says",
+    [
+        ("/guests/g2?mac=00:16:3e:00:00:01&ip=127.0.0.2", b"{}", "belongs to guest g1"),
+        ("/guests/g2?mac=00:16:3e:00:00:02&ip=127.0.0.1", b"{}", "belongs to guest g1"),
+        ("/guests/g2?ip=127.0.0.2", b"{}", "gives no mac"),
+        (G2 + "&colour=red", b"{}", "unknown option 'colour'"),
+        (G2 + "&hop-limit=x", b"{}", "is not a number"),
+        (G2 + "&hop-limit=65", b"{}", "hop"),
+        ("/guests/..?mac=00:16:3e:00:00:02&ip=127.0.0.2", b"{}", "name"),
+        (G2, b"x" * (imds.USER_DATA_LIMIT + 1), "16 KiB"),
+    ],
+    ids=["same-mac", "same-ip", "no-mac", "unknown", "hop-nan", "hop-range",
+         "bad-name", "too-large"],
+)
+def test_control_refusals_are_400_with_one_sentence(control, target, body, says):
+    server, ctl = control
+    server.register("g1", "127.0.0.1")
+
+    status, text = ask_control(ctl.path, "PUT", target, body)
+
+    assert status == 400
+    assert says in text and text.count("\n") == 1
+    assert not (server.state_dir / "guests" / "g2.json").exists()
+
+
+def test_control_delete_forgets_and_is_idempotent(control):
+    server, ctl = control
+    server.register("g1", "127.0.0.1")
+
+    assert ask_control(ctl.path, "DELETE", "/guests/g1") == (
+        200, "unregistered guest g1\n"
+    )
+    assert server.get("/latest/meta-data/").status == 404
+    assert ask_control(ctl.path, "DELETE", "/guests/g1")[0] == 200
+
+
+def test_control_other_paths_and_methods_are_refused(control):
+    ctl = control[1]
+
+    assert ask_control(ctl.path, "GET", "/guests/g1")[0] == 405
+    assert ask_control(ctl.path, "PUT", "/latest/meta-data")[0] == 404
+
+
+def test_control_socket_is_root_only_replaces_a_stale_one_and_goes_away(tmp_path):
+    import tempfile
+
+    settings = imds.Settings.from_mapping({})
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pvlab-ctl-") as short:
+        path = Path(short) / "control.sock"
+        path.write_text("left by a killed service")
+        ctl = imds.ControlServer(path, tmp_path, settings)
+
+        assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o600
+        ctl.server_close()
+        assert not path.exists()
