@@ -384,11 +384,13 @@ class Guests:
             f"{_decode(host_line.encode())} > {DHCP_HOSTS_DIR}/{q(spec.name)}\n"
         )
 
-    def _check_registration(self, spec: GuestSpec, result) -> None:
+    def _check_prepared(self, spec: GuestSpec, result) -> None:
         stderr = result.stderr
         if isinstance(stderr, bytes):
             stderr = stderr.decode(errors="replace")
         lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        if result.returncode == 93:
+            raise _create_error(spec.name, lines)
         if result.returncode == 91:
             raise DomainError(
                 f"the metadata service refused {spec.name}: "
@@ -437,10 +439,12 @@ class Guests:
         spec: GuestSpec,
         progress=log.info,
         files: dict[str, str] | None = None,
+        create: bool = False,
     ) -> None:
-        """Copy the volume, write the xl config (and any other files) and register
-        the guest, in one SSH round trip: the volume streams on stdin as a sparse
-        tar, the rest travels in the command."""
+        """Copy the volume, write the xl config (and any other files), register
+        the guest and, with `create`, create it paused, in one SSH round trip: the
+        volume streams on stdin as a sparse tar, the rest travels in the
+        command."""
         q = shlex.quote
         progress(
             f"copying {spec.image} into dom0 and registering {spec.name}: mac "
@@ -460,29 +464,21 @@ class Guests:
             + "set +e\n"
             + self._register_script(spec)
         )
+        if create:
+            script += (
+                f"xl create -p {q(spec.config_path)} >&2 || exit 93\n"
+                f"rm -f {q(spec.guest_dir)}/{CREATING}\n"
+            )
         member = spec.disk.rsplit("/", 1)[-1] + ".part"
         result = self.dom0.run_with_sparse_file(script, spec.image, member)
-        self._check_registration(spec, result)
-
-    def create_paused(self, spec: GuestSpec) -> None:
-        result = self.dom0.run(
-            f"xl create -p {shlex.quote(spec.config_path)} && "
-            f"rm -f {shlex.quote(spec.guest_dir)}/{CREATING}",
-            check=False,
-        )
-        if result.returncode != 0:
-            raise _create_error(spec.name, result.stderr.strip().splitlines())
+        self._check_prepared(spec, result)
 
     def console(self, name: str, log_file: Path, unpause: bool = True) -> int:
-        """Attach the console, unpause, stream until the guest is gone."""
+        """Unpause, attach the console, stream until the guest is gone."""
         q = shlex.quote(name)
-        # sh -c has no job control, so the console in the background keeps the
-        # terminal; it is attached before the guest runs its first instruction.
-        remote = (
-            f"xl console {q} & console=$!; sleep 0.5; "
-            + (f"xl unpause {q}; " if unpause else "")
-            + "wait $console"
-        )
+        # As `xl create -c` does: the guest runs while the console attaches, and
+        # xenconsoled keeps what it printed meanwhile for the console to read.
+        remote = (f"xl unpause {q} && " if unpause else "") + f"exec xl console {q}"
         argv = self.dom0.ssh_argv(f"sudo sh -c {shlex.quote(remote)}", tty=True)
         log.debug("dom0: %s", remote)
         log_file.parent.mkdir(parents=True, exist_ok=True)

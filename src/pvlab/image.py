@@ -18,7 +18,7 @@ import subprocess
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError
@@ -574,11 +574,13 @@ def _article(word: str | None) -> str:
     return f"{'an' if word[0] in 'aeiouxl' else 'a'} {word}"
 
 
+@lru_cache(maxsize=4)
 def _decompress(kind: str, data: bytes) -> bytes:
     """One stream of gzip, xz, lzma or bzip2, ignoring what follows it.
 
     Linux appends the uncompressed size to a bzImage payload, so trailing bytes
-    are normal.
+    are normal. Remembered: a boot checks the kernel, identifies it and locates its
+    entry, and unpacking an xz kernel takes over half a second each time.
     """
     if kind == "gzip":
         decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)

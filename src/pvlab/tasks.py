@@ -6,6 +6,7 @@ on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import json
@@ -370,16 +371,19 @@ def boot_image(
     volume = image_mod.BootVolume(image)
     if pvgrub_variant == "auto":
         pvgrub_variant = image_mod.pick_variant(volume)
-    findings = _check_image(image, pvgrub_variant, s.pvgrub_flavor)
-    errors = [f for f in findings if f.is_error]
-    if errors and not force:
-        raise ImageError(
-            f"{image} would not boot under PV-GRUB {pvgrub_variant} "
-            f"({len(errors)} errors above); fix it, or pass --force to boot it "
-            "anyway and watch it fail as on EC2."
-        )
     guests = domain.Guests(dom0 or _dom0(s), s)
-    survey = guests.survey()
+    # The image check (about a second unpacking the kernel, in C that lets go of
+    # the GIL) runs while the survey waits on dom0. The worker starts no process
+    # that outlives it, so an interrupt never waits long for it.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        checking = pool.submit(_check_image, image, pvgrub_variant, s.pvgrub_flavor)
+        try:
+            survey = guests.survey()
+        except PvlabError:
+            # A broken image is the first thing to fix, whatever dom0 says.
+            _refuse_broken(checking.result(), image, pvgrub_variant, force)
+            raise
+        _refuse_broken(checking.result(), image, pvgrub_variant, force)
     # What gdb needs later: the kernel's identity, and with --debug the patched
     # copy.
     debug_boot = debug_mod.prepare_boot(
@@ -411,8 +415,9 @@ def boot_image(
         say(f"note: {debug_boot.refusal}")
     spec.image = debug_boot.image
     try:
-        guests.prepare(spec, progress, files=debug_boot.record_file(spec.guest_dir))
-        guests.create_paused(spec)
+        guests.prepare(
+            spec, progress, files=debug_boot.record_file(spec.guest_dir), create=True
+        )
         created = True
         if debug_boot.spin:
             say(
@@ -443,6 +448,16 @@ def boot_image(
         debug_boot.discard()
         if not (paused and created) and not (keep and created):
             _cleanup(guests, name, failing=sys.exc_info()[1] is not None)
+
+
+def _refuse_broken(findings: list, image: Path, variant: str, force: bool) -> None:
+    errors = [f for f in findings if f.is_error]
+    if errors and not force:
+        raise ImageError(
+            f"{image} would not boot under PV-GRUB {variant} "
+            f"({len(errors)} errors above); fix it, or pass --force to boot it "
+            "anyway and watch it fail as on EC2."
+        )
 
 
 def _cleanup(guests, name: str, failing: bool) -> None:
