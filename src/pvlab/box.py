@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pvlab import cache
 from pvlab.errors import HostError, SettingsError
 
 log = logging.getLogger(__name__)
@@ -713,6 +714,7 @@ def build_box(
     progress(
         f"box: built {box} ({size_mib:.0f} MiB) in {time.monotonic() - started:.0f} s"
     )
+    cache.prune_superseded(box, "debian12-*")
     return box
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from pvlab import cache
 from pvlab.errors import HostError, ImageError, SettingsError
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ def build_sample_image(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("sample image ready: %s", image)
+    cache.prune_superseded(image, f"pvlab-sample-{layout}-*.img")
     return image
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
+from pvlab import cache
 from pvlab.box import (
     SECURITY_SUITE,
     SUITE,
@@ -777,6 +778,7 @@ def build_debug_xen(
         finally:
             shutil.rmtree(work, ignore_errors=True)
     result = load_debug_xen(target)
+    cache.prune_superseded(target, f"xen-{_without_epoch(xen_version)}-gdbsx-*")
     progress(
         f"xen-debug: built {result.hypervisor.name} and gdbsx in "
         f"{result.build_seconds:.0f} s"
