@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvlab import cache
+from pvlab import cache, shell
 from pvlab.errors import HostError, SettingsError
 
 log = logging.getLogger(__name__)
@@ -361,24 +361,7 @@ def _run(
     stdin: str | None = None,
     env: dict[str, str] | None = None,
 ) -> None:
-    log.debug("running %s", " ".join(cmd))
-    with log_path.open("a") as out:
-        out.write(f"$ {' '.join(cmd)}\n")
-        out.flush()
-        result = subprocess.run(
-            cmd,
-            check=False,
-            input=stdin,
-            text=True,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    if result.returncode != 0:
-        raise HostError(
-            f"{cmd[0]} failed with exit status {result.returncode} while building "
-            f"the box; its output is in {log_path}."
-        )
+    shell.run_logged(cmd, log_path, what="building the box", stdin=stdin, env=env)
 
 
 def _chroot(

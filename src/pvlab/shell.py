@@ -6,8 +6,10 @@ import logging
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from pvlab.errors import HostError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,38 @@ def run(
             stderr = stderr.decode(errors="replace")
         raise CommandError(argv, result.returncode, stderr or "")
     return result
+
+
+def run_logged(
+    cmd: Sequence[str],
+    log_path: Path,
+    *,
+    what: str,
+    stdin: str | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run a build step with its output appended to log_path; a failure is one
+    sentence naming `what` failed and where the output is."""
+    log.debug("running %s", " ".join(cmd))
+    with log_path.open("a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        result = subprocess.run(
+            list(cmd),
+            check=False,
+            input=stdin,
+            text=True,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    if result.returncode != 0:
+        raise HostError(
+            f"{what} failed ({cmd[0]} exited with {result.returncode}); "
+            f"its output is in {log_path}."
+        )
 
 
 def succeeds(argv: Sequence[str], timeout: float | None = 30) -> bool:

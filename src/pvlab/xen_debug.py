@@ -28,7 +28,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
 
-from pvlab import cache
+from pvlab import cache, shell
 from pvlab.box import (
     SECURITY_SUITE,
     SUITE,
@@ -267,31 +267,7 @@ def make_args(tree: Path) -> list[str]:
 # ---------------------------------------------------------------- host helpers
 
 
-def _run(
-    cmd: Sequence[str],
-    log_path: Path,
-    *,
-    cwd: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    what: str,
-) -> None:
-    log.debug("running %s", " ".join(cmd))
-    with log_path.open("a") as out:
-        out.write(f"$ {' '.join(cmd)}\n")
-        out.flush()
-        result = subprocess.run(
-            list(cmd),
-            check=False,
-            cwd=cwd,
-            env=dict(env) if env is not None else None,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    if result.returncode != 0:
-        raise HostError(
-            f"{what} failed ({cmd[0]} exited with {result.returncode}); "
-            f"its output is in {log_path}."
-        )
+_run = shell.run_logged
 
 
 @contextmanager
