@@ -328,6 +328,17 @@ def remove_domain(name: str, progress=log.info) -> None:
             virsh("vol-delete", volume, "--pool", STORAGE_POOL, check=False)
 
 
+def remove_box_volumes(settings: Settings, progress=log.info) -> None:
+    """Delete the copies of base boxes vagrant-libvirt uploaded to the storage
+    pool under this prefix (it names them <prefix>-<box>_vagrant_box_image_...)."""
+    for volume in virsh("vol-list", STORAGE_POOL, check=False).stdout.split():
+        if volume.startswith(f"{settings.name_prefix}-") and "_vagrant_box_image_" in (
+            volume
+        ):
+            progress(f"removing the box's copy {volume} from the storage pool")
+            virsh("vol-delete", volume, "--pool", STORAGE_POOL, check=False)
+
+
 def remove_mgmt_network(settings: Settings, progress=log.info) -> None:
     name = settings.mgmt_network_name
     if virsh("net-info", name, check=False).returncode == 0:

@@ -797,7 +797,8 @@ def halt(c):
     help={
         "stale": "Only remove pvlab VMs that this checkout's Vagrant does not own "
         "(left by another checkout or a killed run).",
-        "cache": "Also delete the caches (base box, images, apt cache).",
+        "cache": "Also delete the caches: base box (and its copy in the storage "
+        "pool), images, apt cache, Xen build.",
     }
 )
 def clean(c, stale=False, cache=False):
@@ -827,6 +828,7 @@ def clean(c, stale=False, cache=False):
         shutil.rmtree(s.cache_dir, ignore_errors=True)
         subprocess.call(["vagrant", "box", "remove", "--force", s.box_name],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        host_mod.remove_box_volumes(s, progress)
     say("clean")
 
 

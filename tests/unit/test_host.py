@@ -63,3 +63,27 @@ def test_a_dom0_domain_this_checkout_does_not_own_is_refused_before_vagrant_up(
     with pytest.raises(VmError, match="invoke clean --stale") as refused:
         provision.refuse_foreign_domain(s, _Dom0(None))
     assert str(refused.value).count(". ") == 0 and s.domain_name in str(refused.value)
+
+
+def test_clean_cache_deletes_the_box_copies_of_its_prefix_only(monkeypatch):
+    import subprocess
+
+    calls = []
+    volumes = "\n".join([
+        "pvlab-dom0.img",
+        "pvlab-VAGRANTSLASH-debian12_vagrant_box_image_0_17_box.img",
+        "pvlabci-VAGRANTSLASH-debian12_vagrant_box_image_0_18_box.img",
+        "other-VAGRANTSLASH-debian12_vagrant_box_image_0_19_box.img",
+    ])
+
+    def virsh(*args, check=True):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, volumes if args[0] == "vol-list"
+                                           else "", "")
+
+    monkeypatch.setattr(host, "virsh", virsh)
+    host.remove_box_volumes(settings.load(environ={}), progress=lambda m: None)
+
+    assert [c[1] for c in calls if c[0] == "vol-delete"] == [
+        "pvlab-VAGRANTSLASH-debian12_vagrant_box_image_0_17_box.img"
+    ]
