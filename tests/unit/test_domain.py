@@ -212,3 +212,89 @@ def test_survey_skips_guests_another_boot_is_still_creating(tmp_path):
     ).stdout
 
     assert out.split() == ["@guests", "abandoned", "leftover"]
+
+
+@pytest.fixture
+def control_socket(tmp_path, monkeypatch):
+    """The registration script's dom0 paths in tmp_path, with a real metadata
+    control socket answering on it (in a short directory: Unix socket paths are
+    limited to about 100 bytes)."""
+    import shutil
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from pvlab import imds
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed on this host (dom0 has it)")
+    state = tmp_path / "imds"
+    monkeypatch.setattr(domain, "IMDS_STATE_DIR", str(state))
+    monkeypatch.setattr(domain, "DHCP_HOSTS_DIR", str(tmp_path / "dhcp"))
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pvlab-ctl-") as short:
+        path = Path(short) / "control.sock"
+        monkeypatch.setattr(domain, "IMDS_CONTROL_SOCKET", str(path))
+        server = imds.ControlServer(path, state, imds.Settings.from_mapping({}))
+        thread = threading.Thread(target=server.serve_forever,
+                                  kwargs={"poll_interval": 0.05})
+        thread.start()
+        yield state, server
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _run_register_script(guest):
+    import subprocess
+
+    from pvlab import settings
+
+    script = domain.Guests(RecordingDom0(""), settings.Settings())._register_script(
+        guest
+    )
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_register_script_registers_through_the_control_socket(control_socket,
+                                                               tmp_path):
+    state, _ = control_socket
+
+    result = _run_register_script(spec(user_data=b'{"K": "v"}'))
+
+    assert result.returncode == 0, result.stderr
+    record = json.loads((state / "guests" / "aws-test.json").read_text())
+    assert (record["mac"], record["ip"], record["user_data_b64"]) == (
+        "00:16:3e:58:88:57", "198.19.136.89", "eyJLIjogInYifQ=="
+    )
+    assert (tmp_path / "dhcp" / "aws-test").read_text() == (
+        "00:16:3e:58:88:57,198.19.136.89,aws-test\n"
+    )
+
+
+def test_register_script_exits_91_with_the_refusal(control_socket, tmp_path):
+    assert _run_register_script(spec(name="first")).returncode == 0
+
+    result = _run_register_script(spec(name="second"))  # same MAC and address
+
+    assert result.returncode == 91
+    assert "already belongs to guest first" in result.stderr
+    assert not (tmp_path / "dhcp" / "second").exists()
+
+
+def test_register_script_exits_92_when_the_service_does_not_answer(control_socket):
+    _, server = control_socket
+    server.server_close()  # the socket file goes away, as when the service is down
+
+    result = _run_register_script(spec())
+
+    assert result.returncode == 92
+    assert "invoke provision" in result.stderr
+
+
+def test_register_script_without_user_data_registers_none(control_socket):
+    state, _ = control_socket
+
+    assert _run_register_script(spec(user_data=None)).returncode == 0
+    record = json.loads((state / "guests" / "aws-test.json").read_text())
+    assert record["user_data_b64"] is None
