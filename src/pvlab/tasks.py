@@ -373,10 +373,12 @@ def boot_image(
         pvgrub_variant = image_mod.pick_variant(volume)
     guests = domain.Guests(dom0 or _dom0(s), s)
     # The image check (about a second unpacking the kernel, in C that lets go of
-    # the GIL) runs while the survey waits on dom0. The worker starts no process
-    # that outlives it, so an interrupt never waits long for it.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    # the GIL) and the volume's hash run while the survey waits on dom0. The
+    # workers start no process that outlives them, so an interrupt never waits
+    # long for them.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         checking = pool.submit(_check_image, image, pvgrub_variant, s.pvgrub_flavor)
+        hashing = pool.submit(domain.volume_key, image)
         try:
             survey = guests.survey()
         except PvlabError:
@@ -414,9 +416,13 @@ def boot_image(
     if debug_boot.refusal:
         say(f"note: {debug_boot.refusal}")
     spec.image = debug_boot.image
+    volume = (
+        hashing.result() if spec.image == image else domain.volume_key(spec.image)
+    )
     try:
         guests.prepare(
-            spec, progress, files=debug_boot.record_file(spec.guest_dir), create=True
+            spec, progress, files=debug_boot.record_file(spec.guest_dir), create=True,
+            volume=volume, survey=survey,
         )
         created = True
         if debug_boot.spin:

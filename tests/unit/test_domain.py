@@ -1,5 +1,6 @@
 import ipaddress
 import json
+from pathlib import Path
 
 import pytest
 
@@ -298,3 +299,105 @@ def test_register_script_without_user_data_registers_none(control_socket):
     assert _run_register_script(spec(user_data=None)).returncode == 0
     record = json.loads((state / "guests" / "aws-test.json").read_text())
     assert record["user_data_b64"] is None
+
+
+class LocalDom0:
+    """Runs dom0's shell scripts on this host (paths redirected by the test)."""
+
+    def __init__(self):
+        self.streamed: list[str] = []
+
+    def run(self, command, check=True, **kwargs):
+        import subprocess
+
+        return subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                              timeout=60)
+
+    def run_with_sparse_file(self, command, local, member):
+        import subprocess
+
+        self.streamed.append(member)
+        tar = subprocess.Popen(
+            ["tar", "--create", "--sparse", "--file", "-", "--directory",
+             str(local.parent), "--transform", f"s,.*,{member},", local.name],
+            stdout=subprocess.PIPE,
+        )
+        result = subprocess.run(["sh", "-c", command], stdin=tar.stdout,
+                                capture_output=True, timeout=60)
+        tar.wait()
+        return result
+
+
+@pytest.fixture
+def local_dom0(control_socket, tmp_path, monkeypatch):
+    monkeypatch.setattr(domain, "GUESTS_DIR", str(tmp_path / "guests"))
+    monkeypatch.setattr(domain, "VOLUMES_DIR", str(tmp_path / "volumes"))
+    return LocalDom0()
+
+
+def _prepare(dom0, image, name):
+    from pvlab import settings
+
+    guests = domain.Guests(dom0, settings.Settings())
+    survey = domain.Survey([], [], {}, 4096, volumes={
+        p.name for p in (image.parent.parent / "volumes").glob("*.img")
+    })
+    mac = f"00:16:3e:00:00:{len(dom0.streamed) + 10:02x}"
+    guest = spec(name=name, image=image, mac=mac, ip=domain.ip_for_mac(
+        mac, "198.19.0.0/16"))
+    guests.prepare(guest, lambda m: None, volume=domain.volume_key(image),
+                   survey=survey)
+    return guest
+
+
+def test_a_volume_sent_once_is_copied_inside_dom0_the_next_times(local_dom0,
+                                                                  tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    image = images / "boot-vol.img"
+    with image.open("wb") as f:
+        f.write(b"menu.lst" * 1000)
+        f.truncate(8 << 20)
+
+    first = _prepare(local_dom0, image, "first")
+    second = _prepare(local_dom0, image, "second")
+
+    assert len(local_dom0.streamed) == 1  # the second came from dom0's copy
+    for guest in (first, second):
+        assert Path(guest.disk).read_bytes() == image.read_bytes()
+    kept = tmp_path / "volumes" / f"{domain.volume_key(image)}.img"
+    assert kept.stat().st_blocks * 512 < 1 << 20  # still sparse
+
+
+def test_dom0_keeps_only_the_newest_volumes(local_dom0, tmp_path):
+    import os
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for n in range(domain.VOLUMES_KEPT + 2):
+        image = images / f"v{n}.img"
+        image.write_bytes(b"volume %d" % n)
+        _prepare(local_dom0, image, f"g{n}")
+        kept = tmp_path / "volumes" / f"{domain.volume_key(image)}.img"
+        os.utime(kept, (1_000_000 + n, 1_000_000 + n))  # coarse clocks: order them
+
+    names = sorted(p.name for p in (tmp_path / "volumes").iterdir())
+    newest = sorted(f"{domain.volume_key(images / f'v{n}.img')}.img"
+                    for n in range(2, domain.VOLUMES_KEPT + 2))
+    assert names == newest
+
+
+def test_a_kept_volume_pruned_since_the_survey_is_sent_after_all(local_dom0,
+                                                                 tmp_path):
+    from pvlab import settings
+
+    image = tmp_path / "boot-vol.img"
+    image.write_bytes(b"volume")
+    key = domain.volume_key(image)
+    survey = domain.Survey([], [], {}, 4096, volumes={f"{key}.img"})  # but gone
+
+    domain.Guests(local_dom0, settings.Settings()).prepare(
+        spec(image=image), lambda m: None, volume=key, survey=survey
+    )
+
+    assert local_dom0.streamed and (tmp_path / "volumes" / f"{key}.img").exists()
