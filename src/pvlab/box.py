@@ -680,7 +680,8 @@ def build_box(
     with _locked(cache_dir):
         if box.is_file():
             return box
-        log_path = cache_dir / f"{box.stem}.build.log"
+        # Named after the box, so pruning superseded boxes keeps it.
+        log_path = cache_dir / f"{box.name}.build.log"
         log_path.unlink(missing_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
         started = time.monotonic()

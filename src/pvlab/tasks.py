@@ -688,7 +688,8 @@ def list_(c, host=None, inventory=None):
 
 @pvtask(
     help={
-        "keep_vm": "Leave the dom0 VM running afterwards (default: leave it).",
+        "keep_vm": "Leave the dom0 VM running afterwards (the default); "
+        "--no-keep-vm halts it.",
     }
 )
 def demo(c, keep_vm=True):
@@ -723,6 +724,9 @@ def demo(c, keep_vm=True):
     print()
     for label, seconds in timings.items():
         say(f"time: {label:20} {seconds:7.1f} s")
+    if not keep_vm:
+        progress("halting the dom0 VM (--no-keep-vm)")
+        _dom0(s).halt()
 
 
 @pvtask(
