@@ -963,6 +963,15 @@ def _overlay_network(
 # -------------------------------------------------------------------------------- log
 
 
+def _still_at(fh: io.TextIOWrapper, path: Path) -> bool:
+    """Whether the open file is still the one at path."""
+    try:
+        here, there = os.fstat(fh.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 class RequestLog:
     """Per-guest JSON-lines request logs, rotated at a size limit."""
 
@@ -980,6 +989,12 @@ class RequestLog:
         try:
             with self._lock:
                 fh = self._files.get(name)
+                if fh is not None and not _still_at(fh, self.path(name)):
+                    # Removed or replaced since it was opened (a new guest of an
+                    # old name starts a new log): write where readers look.
+                    fh.close()
+                    del self._files[name]
+                    fh = None
                 if fh is None:
                     if len(self._files) >= 64:
                         self._close_all()

@@ -44,6 +44,10 @@ class Boot:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
+            # As from a terminal: a run started in the background by a shell
+            # without job control inherits SIGINT ignored, and Ctrl-C would
+            # then not reach the boot at all.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -1389,3 +1389,13 @@ def test_control_socket_is_root_only_replaces_a_stale_one_and_goes_away(tmp_path
         assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o600
         ctl.server_close()
         assert not path.exists()
+
+
+def test_a_guest_booted_again_under_its_name_gets_its_requests_logged_afresh(service):
+    assert service.get("/latest/meta-data/").status == 200
+    log_path = service.state_dir / "logs" / "g1.jsonl"
+    log_path.unlink()  # what a boot of a new g1 does before registering it
+
+    assert service.get("/latest/meta-data/instance-id").status == 200
+    entries = service.log_entries("g1")
+    assert len(entries) == 1 and entries[0]["path"] == "/latest/meta-data/instance-id"
